@@ -1,0 +1,14 @@
+"""Triton kernels for Mask R-CNN, registered as ``torch.library`` custom ops (namespace ``maskrcnn_fast``).
+
+Every op follows the backend rule of :mod:`kernels._backend`: CUDA -> compiled Triton,
+CPU with ``TRITON_INTERPRET=1`` -> Triton's interpreter, CPU otherwise -> vectorized PyTorch.
+"""
+from kernels._backend import use_backend
+
+__all__ = ["use_backend"]
+
+# Ops register themselves on import; each block is guarded only by the module's existence
+# while the package is being built up op by op.
+from kernels.roi_align import roi_align, roi_pool, multiscale_roi_align  # noqa: E402
+
+__all__ += ["roi_align", "roi_pool", "multiscale_roi_align"]

@@ -1,0 +1,128 @@
+"""Offline compilation of every Triton kernel for real GPUs, with no GPU present.
+
+Each op module in ``kernels/`` exposes ``compile_specs() -> list[CompileSpec]`` covering every
+kernel x config x mode flag x I/O dtype it can launch. ``all_compile_specs()`` discovers them;
+``compile_for(spec, cc)`` runs ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``,
+which builds PTX and a cubin through ptxas without a driver.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+
+TARGET_CCS = (80, 90)
+
+
+@dataclass(frozen=True)
+class CompileSpec:
+    name: str                 # human-readable id, e.g. "roi_align_fwd[fp16,BLOCK_C=64,w4]"
+    fn: object                # the @triton.jit function
+    signature: dict           # arg name -> "*fp32" / "i32" / "i64" / "fp32" / "constexpr"
+    constexprs: dict = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 2
+    default: bool = False     # used by the defaults (a spill here fails the compile report)
+
+
+def all_compile_specs() -> list[CompileSpec]:
+    import kernels
+
+    specs: list[CompileSpec] = []
+    for mod in sorted(pkgutil.iter_modules(kernels.__path__), key=lambda m: m.name):
+        if mod.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"kernels.{mod.name}")
+        if hasattr(module, "compile_specs"):
+            specs.extend(module.compile_specs())
+    return specs
+
+
+def compile_for(spec: CompileSpec, cc: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    # ASTSource wants the signature in the kernel's argument order.
+    signature = {name: spec.signature[name] for name in spec.fn.arg_names}
+    src = ASTSource(fn=spec.fn, signature=signature, constexprs=dict(spec.constexprs))
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                          options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+
+
+def signature_for(args: dict, constexprs: dict) -> dict:
+    """Build a signature: ``args`` maps runtime arg name -> type, constexpr names get 'constexpr'."""
+    sig = dict(args)
+    sig.update({k: "constexpr" for k in constexprs})
+    return sig
+
+
+TORCH_TO_TRITON = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int64": "i64", "int32": "i32"}
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers, stack/local (spill) bytes and static shared memory, read off the cubin by cuobjdump."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    found = {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out)}
+    return {"regs": found.get("reg", -1), "stack": found.get("stack", 0), "local": found.get("local", 0)}
+
+
+def compile_all(ccs=TARGET_CCS, with_resources: bool = True, name_filter: str | None = None) -> list[dict]:
+    """Compile every spec for every cc; one row per (spec, cc) with ok/error and resource usage."""
+    rows = []
+    for spec in all_compile_specs():
+        if name_filter and name_filter not in spec.name:
+            continue
+        for cc in ccs:
+            row = {"name": spec.name, "kernel": spec.fn.__name__, "cc": cc, "num_warps": spec.num_warps,
+                   "num_stages": spec.num_stages, "default": spec.default, "ok": False}
+            try:
+                compiled = compile_for(spec, cc)
+                row["ok"] = bool(compiled.asm.get("cubin"))
+                row["shared"] = int(compiled.metadata.shared)
+                if with_resources:
+                    row.update(resource_usage(compiled.asm["cubin"]))
+            except Exception as e:  # reported per spec; the caller fails on any
+                row["error"] = f"{type(e).__name__}: {str(e)[-2000:]}"
+            rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    """``python -m kernels._compile [--json FILE] [--filter NAME]``: compile all, exit 1 on any failure."""
+    import argparse
+    import json
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces @triton.jit functions")
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--json", help="write the rows here")
+    p.add_argument("--filter", help="only specs whose name contains this")
+    p.add_argument("--no-resources", action="store_true")
+    args = p.parse_args(argv)
+    rows = compile_all(with_resources=not args.no_resources, name_filter=args.filter)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    bad = [r for r in rows if not r["ok"]]
+    for r in bad:
+        print(f"FAILED {r['name']} sm_{r['cc']}: {r.get('error', 'no cubin')}")
+    print(f"compiled {len(rows) - len(bad)}/{len(rows)} (kernel x config x mode x cc)")
+    return 1 if bad or not rows else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

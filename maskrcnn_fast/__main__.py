@@ -1,0 +1,3 @@
+from maskrcnn_fast.cli import main
+
+raise SystemExit(main())
