@@ -9,6 +9,7 @@ __all__ = ["use_backend"]
 
 # Ops register themselves on import; each block is guarded only by the module's existence
 # while the package is being built up op by op.
-from kernels.roi_align import roi_align, roi_pool, multiscale_roi_align  # noqa: E402
+from kernels.roi_align import roi_align, multiscale_roi_align  # noqa: E402
+from kernels.roi_pool import roi_pool  # noqa: E402
 
 __all__ += ["roi_align", "roi_pool", "multiscale_roi_align"]

@@ -1,0 +1,527 @@
+"""RoIAlign and multi-level (FPN) RoIAlign, forward and backward, as Triton kernels.
+
+Maths (He et al., Mask R-CNN, sec. 3; torchvision's exact sampling rule)
+    For RoI k with box (x1, y1, x2, y2) on a level with scale s and offset o = 0.5 if aligned:
+        start = (x1 * s - o, y1 * s - o),  size = ((x2 - x1) * s, (y2 - y1) * s)  (>= 1 if not aligned)
+        bin = size / (PH, PW);  grid = sampling_ratio, or ceil(size / (PH, PW)) when <= 0
+        out[k, c, ph, pw] = 1/count * sum_{iy<grid_h, ix<grid_w} bilinear(X[b, c], y, x)
+        y = start_y + ph * bin_h + (iy + 0.5) * bin_h / grid_h   (x likewise)
+    Samples with y < -1, y > H, x < -1 or x > W contribute 0 (torchvision's rule).
+    Backward scatters g * w_corner / count to the four corners of every sample.
+
+Multi-level: level(k) = clamp(floor(4 + log2(sqrt(area_k) / 224) + 1e-6), k_min, k_max) - k_min,
+as torchvision's LevelMapper. One launch covers all levels: each program loads its RoI's level and
+selects that level's pointer and geometry.
+
+Bytes moved (the roofline budget; no kernel can move less)
+    forward : K*C*PH*PW*e (output) + K*5*4 (rois) + min(unique sampled texels, N*C*H*W)*e reads;
+              each sample reads 4 texels, so with 16-byte channel runs (channels_last) the texel
+              reads are coalesced; worst case 4*K*C*PH*PW*grid^2*e bytes through L2.
+    backward: K*C*PH*PW*e (grad_output) + N*C*H*W*4 (fp32 accumulator, zeroed + atomics)
+              + N*C*H*W*e (cast to the input dtype); deterministic: int64 accumulator (8 B/elem).
+    e = element size of the features (2 for fp16/bf16, 4 for fp32).
+
+Backends: CUDA -> Triton; CPU + TRITON_INTERPRET=1 -> Triton interpreter; CPU otherwise -> the
+vectorized PyTorch code at the bottom (its backward is autograd through the same code).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import _config
+from kernels._backend import backend_for
+from kernels._compile import TORCH_TO_TRITON, CompileSpec
+from kernels._roi_common import (check_rois, fixed_point_scale, from_fixed_point, pair,
+                                 rois_from_boxes)
+
+MAX_LEVELS = 5
+MAX_GRID = 1024  # cap on the adaptive sampling grid per axis, so absurd boxes cannot run forever
+META_COLS = 10   # per level: H, W, in strides (n, c, h, w), grad strides (n, c, h, w)
+
+
+@triton.jit
+def _select_level(lvl, p0, p1, p2, p3, p4, NUM_LEVELS: tl.constexpr):
+    ptr = p0
+    if NUM_LEVELS > 1:
+        if lvl == 1:
+            ptr = p1
+        if NUM_LEVELS > 2:
+            if lvl == 2:
+                ptr = p2
+            if NUM_LEVELS > 3:
+                if lvl == 3:
+                    ptr = p3
+                if NUM_LEVELS > 4:
+                    if lvl == 4:
+                        ptr = p4
+    return ptr
+
+
+@triton.jit
+def _roi_geometry(rois_ptr, levels_ptr, meta_ptr, scales_ptr, k, N, PH, PW, sampling_ratio,
+                  ALIGNED: tl.constexpr, NUM_LEVELS: tl.constexpr, MAX_GRID: tl.constexpr):
+    """Everything about RoI k that does not depend on the output bin."""
+    b = tl.load(rois_ptr + k * 5).to(tl.float32)
+    x1 = tl.load(rois_ptr + k * 5 + 1).to(tl.float32)
+    y1 = tl.load(rois_ptr + k * 5 + 2).to(tl.float32)
+    x2 = tl.load(rois_ptr + k * 5 + 3).to(tl.float32)
+    y2 = tl.load(rois_ptr + k * 5 + 4).to(tl.float32)
+    lvl = 0
+    if NUM_LEVELS > 1:
+        lvl = tl.minimum(tl.maximum(tl.load(levels_ptr + k), 0), NUM_LEVELS - 1)
+    scale = tl.load(scales_ptr + lvl)
+    # clamp the batch index so that a bad value (also reported by the launcher) stays in bounds
+    b = tl.minimum(tl.maximum(tl.where(b == b, b, 0.0), 0.0), N - 1.0).to(tl.int64)
+    off = 0.5 if ALIGNED else 0.0
+    start_w = x1 * scale - off
+    start_h = y1 * scale - off
+    roi_w = x2 * scale - off - start_w
+    roi_h = y2 * scale - off - start_h
+    if not ALIGNED:
+        roi_w = tl.maximum(roi_w, 1.0)
+        roi_h = tl.maximum(roi_h, 1.0)
+    bin_h = roi_h / PH
+    bin_w = roi_w / PW
+    if sampling_ratio > 0:
+        grid_h = sampling_ratio
+        grid_w = sampling_ratio
+    else:
+        # NaN sizes give an empty grid (output 0); huge ones are capped at MAX_GRID
+        gh = tl.where(roi_h == roi_h, tl.ceil(roi_h / PH), 0.0)
+        gw = tl.where(roi_w == roi_w, tl.ceil(roi_w / PW), 0.0)
+        grid_h = tl.minimum(tl.maximum(gh, 0.0), MAX_GRID).to(tl.int32)
+        grid_w = tl.minimum(tl.maximum(gw, 0.0), MAX_GRID).to(tl.int32)
+    count = tl.maximum(grid_h * grid_w, 1).to(tl.float32)
+    H = tl.load(meta_ptr + lvl * 10 + 0)
+    W = tl.load(meta_ptr + lvl * 10 + 1)
+    return b, lvl, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count, H, W
+
+
+@triton.jit
+def _bilinear(y, x, H, W):
+    """torchvision's bilinear_interpolate: corner indices, weights and validity for sample (y, x)."""
+    Hf = H.to(tl.float32)
+    Wf = W.to(tl.float32)
+    valid = (y >= -1.0) & (y <= Hf) & (x >= -1.0) & (x <= Wf)
+    y = tl.where(valid, tl.maximum(y, 0.0), 0.0)  # NaN/inf never reach the int conversion
+    x = tl.where(valid, tl.maximum(x, 0.0), 0.0)
+    y_low = y.to(tl.int32)
+    x_low = x.to(tl.int32)
+    y_top = y_low >= H - 1
+    x_top = x_low >= W - 1
+    y_low = tl.where(y_top, H - 1, y_low)
+    x_low = tl.where(x_top, W - 1, x_low)
+    y_high = tl.where(y_top, H - 1, y_low + 1)
+    x_high = tl.where(x_top, W - 1, x_low + 1)
+    y = tl.where(y_top, y_low.to(tl.float32), y)
+    x = tl.where(x_top, x_low.to(tl.float32), x)
+    ly = y - y_low.to(tl.float32)
+    lx = x - x_low.to(tl.float32)
+    hy = 1.0 - ly
+    hx = 1.0 - lx
+    return valid, y_low, x_low, y_high, x_high, hy * hx, hy * lx, ly * hx, ly * lx
+
+
+@triton.jit
+def _roi_align_fwd_kernel(
+    x0, x1, x2, x3, x4, meta_ptr, scales_ptr, rois_ptr, levels_ptr, out_ptr,
+    N, C, PH, PW, sampling_ratio,
+    ALIGNED: tl.constexpr, NUM_LEVELS: tl.constexpr, MAX_GRID: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    k = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p = tl.arange(0, BLOCK_P)
+    b, lvl, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count, H, W = _roi_geometry(
+        rois_ptr, levels_ptr, meta_ptr, scales_ptr, k, N, PH, PW, sampling_ratio,
+        ALIGNED, NUM_LEVELS, MAX_GRID)
+    x_ptr = _select_level(lvl, x0, x1, x2, x3, x4, NUM_LEVELS)
+    s_n = tl.load(meta_ptr + lvl * 10 + 2)
+    s_c = tl.load(meta_ptr + lvl * 10 + 3)
+    s_h = tl.load(meta_ptr + lvl * 10 + 4)
+    s_w = tl.load(meta_ptr + lvl * 10 + 5)
+
+    ph = (p // PW).to(tl.float32)
+    pw = (p % PW).to(tl.float32)
+    mask = (p < PH * PW)[:, None] & (c < C)[None, :]
+    base = x_ptr + b * s_n + c[None, :].to(tl.int64) * s_c
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for s in range(0, grid_h * grid_w):
+        iy = s // grid_w
+        ix = s - iy * grid_w
+        y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h
+        x = start_w + pw * bin_w + (ix + 0.5) * bin_w / grid_w
+        valid, y_lo, x_lo, y_hi, x_hi, w1, w2, w3, w4 = _bilinear(y, x, H, W)
+        m = mask & valid[:, None]
+        r_lo = y_lo.to(tl.int64) * s_h
+        r_hi = y_hi.to(tl.int64) * s_h
+        c_lo = x_lo.to(tl.int64) * s_w
+        c_hi = x_hi.to(tl.int64) * s_w
+        v1 = tl.load(base + (r_lo + c_lo)[:, None], mask=m, other=0.0).to(tl.float32)
+        v2 = tl.load(base + (r_lo + c_hi)[:, None], mask=m, other=0.0).to(tl.float32)
+        v3 = tl.load(base + (r_hi + c_lo)[:, None], mask=m, other=0.0).to(tl.float32)
+        v4 = tl.load(base + (r_hi + c_hi)[:, None], mask=m, other=0.0).to(tl.float32)
+        acc += w1[:, None] * v1 + w2[:, None] * v2 + w3[:, None] * v3 + w4[:, None] * v4
+    out = acc / count
+    out_offs = k * C * PH * PW + c[None, :].to(tl.int64) * (PH * PW) + p[:, None]
+    tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _roi_align_bwd_kernel(
+    g0, g1, g2, g3, g4, meta_ptr, scales_ptr, rois_ptr, levels_ptr, grad_ptr, fix_scale_ptr,
+    N, C, PH, PW, sampling_ratio, sg_k, sg_c, sg_h, sg_w,
+    ALIGNED: tl.constexpr, NUM_LEVELS: tl.constexpr, MAX_GRID: tl.constexpr,
+    DETERMINISTIC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    k = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p = tl.arange(0, BLOCK_P)
+    b, lvl, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count, H, W = _roi_geometry(
+        rois_ptr, levels_ptr, meta_ptr, scales_ptr, k, N, PH, PW, sampling_ratio,
+        ALIGNED, NUM_LEVELS, MAX_GRID)
+    acc_ptr = _select_level(lvl, g0, g1, g2, g3, g4, NUM_LEVELS)
+    s_n = tl.load(meta_ptr + lvl * 10 + 6)
+    s_c = tl.load(meta_ptr + lvl * 10 + 7)
+    s_h = tl.load(meta_ptr + lvl * 10 + 8)
+    s_w = tl.load(meta_ptr + lvl * 10 + 9)
+
+    ph_i = p // PW
+    pw_i = p % PW
+    ph = ph_i.to(tl.float32)
+    pw = pw_i.to(tl.float32)
+    mask = (p < PH * PW)[:, None] & (c < C)[None, :]
+    g_offs = k * sg_k + c[None, :].to(tl.int64) * sg_c + (ph_i.to(tl.int64) * sg_h + pw_i * sg_w)[:, None]
+    g = tl.load(grad_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
+    if DETERMINISTIC:
+        fix_scale = tl.load(fix_scale_ptr)
+    base = acc_ptr + b * s_n + c[None, :].to(tl.int64) * s_c
+    for s in range(0, grid_h * grid_w):
+        iy = s // grid_w
+        ix = s - iy * grid_w
+        y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h
+        x = start_w + pw * bin_w + (ix + 0.5) * bin_w / grid_w
+        valid, y_lo, x_lo, y_hi, x_hi, w1, w2, w3, w4 = _bilinear(y, x, H, W)
+        m = mask & valid[:, None]
+        r_lo = y_lo.to(tl.int64) * s_h
+        r_hi = y_hi.to(tl.int64) * s_h
+        c_lo = x_lo.to(tl.int64) * s_w
+        c_hi = x_hi.to(tl.int64) * s_w
+        v1 = g * w1[:, None] / count
+        v2 = g * w2[:, None] / count
+        v3 = g * w3[:, None] / count
+        v4 = g * w4[:, None] / count
+        if DETERMINISTIC:
+            v1 = tl.floor(v1.to(tl.float64) * fix_scale + 0.5).to(tl.int64)
+            v2 = tl.floor(v2.to(tl.float64) * fix_scale + 0.5).to(tl.int64)
+            v3 = tl.floor(v3.to(tl.float64) * fix_scale + 0.5).to(tl.int64)
+            v4 = tl.floor(v4.to(tl.float64) * fix_scale + 0.5).to(tl.int64)
+        tl.atomic_add(base + (r_lo + c_lo)[:, None], v1, mask=m, sem="relaxed")
+        tl.atomic_add(base + (r_lo + c_hi)[:, None], v2, mask=m, sem="relaxed")
+        tl.atomic_add(base + (r_hi + c_lo)[:, None], v3, mask=m, sem="relaxed")
+        tl.atomic_add(base + (r_hi + c_hi)[:, None], v4, mask=m, sem="relaxed")
+
+
+_CONFIGS = [
+    {"BLOCK_C": 32, "num_warps": 4, "num_stages": 1},
+    {"BLOCK_C": 16, "num_warps": 2, "num_stages": 1},
+    {"BLOCK_C": 64, "num_warps": 4, "num_stages": 1},
+    {"BLOCK_C": 64, "num_warps": 8, "num_stages": 1},
+    {"BLOCK_C": 128, "num_warps": 8, "num_stages": 1},
+]
+
+
+def get_configs() -> list[dict]:
+    return _config.collapse(_CONFIGS)
+
+
+def _block_p(ph: int, pw: int) -> int:
+    return triton.next_power_of_2(ph * pw)
+
+
+def _level_meta(features: Sequence[torch.Tensor], grads: Sequence[torch.Tensor] | None) -> torch.Tensor:
+    rows = []
+    for i, f in enumerate(features):
+        gs = grads[i].stride() if grads is not None else f.stride()
+        rows.append([f.shape[2], f.shape[3], *f.stride(), *gs])
+    return torch.tensor(rows, dtype=torch.int64).to(features[0].device, non_blocking=True)
+
+
+def _launch_fwd(features, rois, levels, scales, ph, pw, sampling_ratio, aligned) -> torch.Tensor:
+    x = features[0]
+    K, C = rois.shape[0], x.shape[1]
+    out = torch.empty((K, C, ph, pw), dtype=x.dtype, device=x.device)
+    if K == 0 or C == 0:
+        return out
+    meta = _level_meta(features, None)
+    scales_t = torch.tensor(scales, dtype=torch.float32).to(x.device, non_blocking=True)
+    cfg = _config.pick("roi_align_fwd", f"p{_block_p(ph, pw)}", get_configs())
+    block, opts = _config.launch_kwargs(cfg)
+    ptrs = list(features) + [x] * (MAX_LEVELS - len(features))
+    grid = (K, triton.cdiv(C, block["BLOCK_C"]))
+    _roi_align_fwd_kernel[grid](*ptrs, meta, scales_t, rois, levels, out, x.shape[0], C, ph, pw,
+                                sampling_ratio, ALIGNED=aligned, NUM_LEVELS=len(features),
+                                MAX_GRID=MAX_GRID, BLOCK_P=_block_p(ph, pw), **block, **opts)
+    return out
+
+
+def _launch_bwd(grad, features, rois, levels, scales, ph, pw, sampling_ratio, aligned,
+                deterministic) -> list[torch.Tensor]:
+    x = features[0]
+    K, C = rois.shape[0], x.shape[1]
+    acc_dtype = torch.int64 if deterministic else torch.float32
+    accs = [torch.zeros(f.shape, dtype=acc_dtype, device=f.device) for f in features]
+    fix = fixed_point_scale(grad, K * ph * pw) if deterministic else None
+    if K > 0 and C > 0:
+        meta = _level_meta(features, accs)
+        scales_t = torch.tensor(scales, dtype=torch.float32).to(x.device, non_blocking=True)
+        cfg = _config.pick("roi_align_bwd_det" if deterministic else "roi_align_bwd",
+                           f"p{_block_p(ph, pw)}", get_configs())
+        block, opts = _config.launch_kwargs(cfg)
+        ptrs = accs + [accs[0]] * (MAX_LEVELS - len(accs))
+        grid = (K, triton.cdiv(C, block["BLOCK_C"]))
+        _roi_align_bwd_kernel[grid](*ptrs, meta, scales_t, rois, levels, grad,
+                                    fix if deterministic else scales_t, x.shape[0], C, ph, pw,
+                                    sampling_ratio, *grad.stride(), ALIGNED=aligned,
+                                    NUM_LEVELS=len(features), MAX_GRID=MAX_GRID,
+                                    DETERMINISTIC=deterministic, BLOCK_P=_block_p(ph, pw), **block, **opts)
+    if deterministic:
+        return [from_fixed_point(a, fix, f.dtype, grad) for a, f in zip(accs, features)]
+    return [a if f.dtype == torch.float32 else a.to(f.dtype) for a, f in zip(accs, features)]
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch fallback (CPU without the interpreter): all levels in one gather, autograd for backward.
+# ----------------------------------------------------------------------------------------------
+def _torch_sampling_plan(features, rois, levels, scales, ph, pw, sampling_ratio, aligned):
+    """Flat gather indices and weights of every bilinear corner: 4 x ([K,PH,G,PW,G] idx, weight)."""
+    x = features[0]
+    N = x.shape[0]
+    K = rois.shape[0]
+    dev = x.device
+    sizes = [f.shape[2] * f.shape[3] for f in features]
+    total = sum(sizes)
+    lvl = levels.long()
+    level_off = torch.tensor([0] + sizes[:-1], device=dev).cumsum(0)[lvl]
+    Hs = torch.tensor([f.shape[2] for f in features], device=dev)[lvl]
+    Ws = torch.tensor([f.shape[3] for f in features], device=dev)[lvl]
+    scale = torch.tensor(scales, dtype=torch.float32, device=dev)[lvl]
+    r = rois.float()
+    b = r[:, 0].nan_to_num(0).clamp(0, N - 1).long()
+    off = 0.5 if aligned else 0.0
+    start_w, start_h = r[:, 1] * scale - off, r[:, 2] * scale - off
+    roi_w, roi_h = r[:, 3] * scale - off - start_w, r[:, 4] * scale - off - start_h
+    if not aligned:
+        roi_w, roi_h = roi_w.clamp_min(1.0), roi_h.clamp_min(1.0)
+    bin_h, bin_w = roi_h / ph, roi_w / pw
+    if sampling_ratio > 0:
+        gh = gw = torch.full((K,), sampling_ratio, device=dev)
+        G = sampling_ratio
+    else:
+        gh = torch.ceil(roi_h / ph).nan_to_num(0).clamp(0, MAX_GRID).long()
+        gw = torch.ceil(roi_w / pw).nan_to_num(0).clamp(0, MAX_GRID).long()
+        # the adaptive grid's size is data-dependent: this CPU path reads it (a sync, harmless on CPU)
+        G = int(max(gh.max(), gw.max(), 1)) if K else 1
+    count = (gh * gw).clamp_min(1).float()
+    it = torch.arange(G, device=dev, dtype=torch.float32)
+    y = (start_h[:, None, None] + torch.arange(ph, device=dev)[None, :, None] * bin_h[:, None, None]
+         + (it[None, None, :] + 0.5) * bin_h[:, None, None] / gh[:, None, None])
+    xx = (start_w[:, None, None] + torch.arange(pw, device=dev)[None, :, None] * bin_w[:, None, None]
+          + (it[None, None, :] + 0.5) * bin_w[:, None, None] / gw[:, None, None])
+    used = (it[None, None, :] < gh[:, None, None])[:, :, :, None, None] & \
+        (it[None, None, :] < gw[:, None, None])[:, None, None, :, :]
+    Y = y[:, :, :, None, None].expand(K, ph, G, pw, G)
+    X = xx[:, None, None, :, :].expand(K, ph, G, pw, G)
+    Hi, Wi = Hs[:, None, None, None, None], Ws[:, None, None, None, None]
+    valid = (Y >= -1) & (Y <= Hi) & (X >= -1) & (X <= Wi) & used
+    Y = torch.where(valid, Y.clamp_min(0), torch.zeros_like(Y))
+    X = torch.where(valid, X.clamp_min(0), torch.zeros_like(X))
+    y_lo, x_lo = Y.long(), X.long()
+    y_top, x_top = y_lo >= Hi - 1, x_lo >= Wi - 1
+    y_lo, x_lo = torch.where(y_top, Hi - 1, y_lo), torch.where(x_top, Wi - 1, x_lo)
+    y_hi, x_hi = torch.where(y_top, Hi - 1, y_lo + 1), torch.where(x_top, Wi - 1, x_lo + 1)
+    Y, X = torch.where(y_top, y_lo.float(), Y), torch.where(x_top, x_lo.float(), X)
+    ly, lx = Y - y_lo, X - x_lo
+    hy, hx = 1 - ly, 1 - lx
+    row0 = (b * total + level_off)[:, None, None, None, None]
+    w_scale = valid / count[:, None, None, None, None]
+    corners = ((y_lo, x_lo, hy * hx), (y_lo, x_hi, hy * lx), (y_hi, x_lo, ly * hx), (y_hi, x_hi, ly * lx))
+    return [(row0 + yy * Wi + xq, w * w_scale) for yy, xq, w in corners], total, G
+
+
+def _torch_roi_align(features, rois, levels, scales, ph, pw, sampling_ratio, aligned) -> torch.Tensor:
+    x = features[0]
+    N, C = x.shape[:2]
+    K = rois.shape[0]
+    plan, total, G = _torch_sampling_plan(features, rois, levels, scales, ph, pw, sampling_ratio, aligned)
+    # one flat [N*sum(HW), C] table of all levels, so every RoI gathers from its own level at once
+    flat = torch.cat([f.permute(0, 2, 3, 1).reshape(N, -1, C) for f in features], 1).reshape(N * total, C)
+    out = x.new_zeros((K, ph, G, pw, G, C), dtype=torch.float32)
+    for idx, w in plan:
+        out += flat.index_select(0, idx.reshape(-1)).float().reshape(K, ph, G, pw, G, C) * w[..., None]
+    return out.sum(dim=(2, 4)).permute(0, 3, 1, 2).contiguous().to(x.dtype)
+
+
+def _torch_roi_align_bwd(grad, features, rois, levels, scales, ph, pw, sampling_ratio, aligned):
+    x = features[0]
+    N, C = x.shape[:2]
+    K = rois.shape[0]
+    plan, total, G = _torch_sampling_plan(features, rois, levels, scales, ph, pw, sampling_ratio, aligned)
+    g = grad.float().permute(0, 2, 3, 1)[:, :, None, :, None, :]  # [K, PH, 1, PW, 1, C]
+    acc = x.new_zeros((N * total, C), dtype=torch.float32)
+    for idx, w in plan:
+        acc.index_add_(0, idx.reshape(-1), (g * w[..., None]).reshape(-1, C))
+    acc = acc.reshape(N, total, C)
+    grads, start = [], 0
+    for f in features:
+        H, W = f.shape[2:]
+        grads.append(acc[:, start:start + H * W].reshape(N, H, W, C).permute(0, 3, 1, 2).to(f.dtype))
+        start += H * W
+    return grads
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("maskrcnn_fast::roi_align_forward", mutates_args=())
+def _roi_align_forward(features: list[torch.Tensor], rois: torch.Tensor, levels: torch.Tensor,
+                       spatial_scales: list[float], pooled_h: int, pooled_w: int, sampling_ratio: int,
+                       aligned: bool, deterministic: bool) -> torch.Tensor:
+    args = (list(features), rois.float().contiguous(), levels.contiguous(), list(spatial_scales),
+            pooled_h, pooled_w, sampling_ratio, aligned)
+    if backend_for(rois) == "triton":
+        return _launch_fwd(*args)
+    return _torch_roi_align(*args)
+
+
+@_roi_align_forward.register_fake
+def _(features, rois, levels, spatial_scales, pooled_h, pooled_w, sampling_ratio, aligned, deterministic):
+    return features[0].new_empty((rois.shape[0], features[0].shape[1], pooled_h, pooled_w))
+
+
+@torch.library.custom_op("maskrcnn_fast::roi_align_backward", mutates_args=())
+def _roi_align_backward(grad: torch.Tensor, features: list[torch.Tensor], rois: torch.Tensor,
+                        levels: torch.Tensor, spatial_scales: list[float], pooled_h: int, pooled_w: int,
+                        sampling_ratio: int, aligned: bool, deterministic: bool) -> list[torch.Tensor]:
+    args = (list(features), rois.float().contiguous(), levels.contiguous(), list(spatial_scales),
+            pooled_h, pooled_w, sampling_ratio, aligned)
+    if backend_for(rois) == "triton":
+        return _launch_bwd(grad, *args, deterministic)
+    return _torch_roi_align_bwd(grad, *args)
+
+
+@_roi_align_backward.register_fake
+def _(grad, features, rois, levels, spatial_scales, pooled_h, pooled_w, sampling_ratio, aligned, deterministic):
+    return [torch.empty_like(f) for f in features]
+
+
+def _setup_context(ctx, inputs, output):
+    features, rois, levels, scales, ph, pw, sr, aligned, det = inputs
+    ctx.save_for_backward(*features, rois, levels)
+    ctx.n_levels = len(features)
+    ctx.args = (list(scales), ph, pw, sr, aligned, det)
+
+
+def _backward(ctx, grad):
+    saved = ctx.saved_tensors
+    features, (rois, levels) = list(saved[:ctx.n_levels]), saved[ctx.n_levels:]
+    grads = _roi_align_backward(grad, features, rois, levels, *ctx.args)
+    return list(grads), None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("maskrcnn_fast::roi_align_forward", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API (torchvision.ops signatures)
+# ----------------------------------------------------------------------------------------------
+def _deterministic(flag: bool | None) -> bool:
+    return torch.are_deterministic_algorithms_enabled() if flag is None else bool(flag)
+
+
+def roi_align(input: torch.Tensor, boxes, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
+              aligned: bool = False, *, deterministic: bool | None = None) -> torch.Tensor:
+    """Drop-in for ``torchvision.ops.roi_align``; returns ``input.dtype``, computes in fp32.
+
+    ``boxes`` is ``Tensor[K,5]`` (batch index, x1, y1, x2, y2) or a list of ``Tensor[L,4]``, in the
+    input's dtype or float32. ``deterministic`` (default: ``torch.are_deterministic_algorithms_enabled()``)
+    selects the bitwise-reproducible backward. Defined behaviour: boxes outside the map are sampled
+    as torchvision does (zeros beyond one pixel); boxes with NaN coordinates give zeros.
+    """
+    ph, pw = pair(output_size)
+    rois = rois_from_boxes(boxes, input)
+    check_rois([input], rois, "roi_align")
+    levels = torch.zeros(rois.shape[0], dtype=torch.int32, device=rois.device)
+    return _roi_align_forward([input], rois, levels, [float(spatial_scale)], ph, pw, int(sampling_ratio),
+                              bool(aligned), _deterministic(deterministic))
+
+
+def _levels_for(rois: torch.Tensor, spatial_scales: Sequence[float], canonical_scale: int,
+                canonical_level: int) -> torch.Tensor:
+    """torchvision's LevelMapper, elementwise on the device (no host sync)."""
+    k_min = round(-math.log2(spatial_scales[0]))
+    k_max = round(-math.log2(spatial_scales[-1]))
+    area = (rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])
+    s = torch.sqrt(area)
+    lvl = torch.floor(canonical_level + torch.log2(s / canonical_scale) + torch.tensor(1e-6, dtype=s.dtype))
+    lvl = torch.clamp(lvl.nan_to_num(k_min), min=k_min, max=k_max)
+    return (lvl - k_min).to(torch.int32)
+
+
+def multiscale_roi_align(features: Sequence[torch.Tensor], rois, output_size, spatial_scales: Sequence[float],
+                         sampling_ratio: int = 2, aligned: bool = False, canonical_scale: int = 224,
+                         canonical_level: int = 4, *, deterministic: bool | None = None) -> torch.Tensor:
+    """Pool every RoI from its FPN level in one launch; equals torchvision's ``MultiScaleRoIAlign``.
+
+    ``features``: ``[N,C,Hl,Wl]`` per level, finest first; ``spatial_scales``: their scales
+    (e.g. 1/4 ... 1/32); ``rois``: ``Tensor[K,5]`` or a list of ``Tensor[L,4]``.
+    """
+    features = list(features)
+    if not 1 <= len(features) <= MAX_LEVELS:
+        raise ValueError(f"multiscale_roi_align: between 1 and {MAX_LEVELS} levels, got {len(features)}")
+    if len(spatial_scales) != len(features):
+        raise ValueError(f"multiscale_roi_align: {len(features)} levels but {len(spatial_scales)} scales")
+    ph, pw = pair(output_size)
+    rois = rois_from_boxes(rois, features[0])
+    check_rois(features, rois, "multiscale_roi_align")
+    levels = _levels_for(rois, spatial_scales, canonical_scale, canonical_level)
+    return _roi_align_forward(features, rois, levels, [float(s) for s in spatial_scales], ph, pw,
+                              int(sampling_ratio), bool(aligned), _deterministic(deterministic))
+
+
+def _spec(dtype: str, cfg: dict, levels: int, aligned: bool, block_p: int, det: bool | None, default: bool):
+    t = TORCH_TO_TRITON[dtype]
+    block, opts = _config.launch_kwargs(cfg)
+    const = dict(ALIGNED=aligned, NUM_LEVELS=levels, MAX_GRID=MAX_GRID, BLOCK_P=block_p, **block)
+    common = {"meta_ptr": "*i64", "scales_ptr": "*fp32", "rois_ptr": "*fp32", "levels_ptr": "*i32"}
+    dims = {"N": "i32", "C": "i32", "PH": "i32", "PW": "i32", "sampling_ratio": "i32"}
+    tag = f"{dtype},L{levels},al{int(aligned)},P{block_p},C{block['BLOCK_C']},w{opts['num_warps']}"
+    if det is None:
+        sig = {**{f"x{i}": f"*{t}" for i in range(MAX_LEVELS)}, **common, "out_ptr": f"*{t}", **dims,
+               **{k: "constexpr" for k in const}}
+        return CompileSpec(f"roi_align_fwd[{tag}]", _roi_align_fwd_kernel, sig, const, default=default, **opts)
+    const["DETERMINISTIC"] = det
+    acc = "i64" if det else "fp32"
+    sig = {**{f"g{i}": f"*{acc}" for i in range(MAX_LEVELS)}, **common, "grad_ptr": f"*{t}",
+           "fix_scale_ptr": "*fp64" if det else "*fp32", **dims,
+           **{k: "i64" for k in ("sg_k", "sg_c", "sg_h", "sg_w")}, **{k: "constexpr" for k in const}}
+    return CompileSpec(f"roi_align_bwd[det{int(det)},{tag}]", _roi_align_bwd_kernel, sig, const,
+                       default=default, **opts)
+
+
+def compile_specs() -> list[CompileSpec]:
+    """Every config (bf16, 5 levels, 7x7 and 14x14 bins) and every mode flag x dtype with the default."""
+    specs = []
+    for i, cfg in enumerate(_CONFIGS):
+        dtypes = ("float32", "float16", "bfloat16") if i == 0 else ("bfloat16",)
+        for dtype in dtypes:
+            for levels, aligned in ((1, False), (5, True)) if i == 0 else ((5, False),):
+                for block_p in (64, 256):
+                    for det in (None, False, True):
+                        specs.append(_spec(dtype, cfg, levels, aligned, block_p, det, default=i == 0))
+    return specs
