@@ -73,7 +73,8 @@ def check_same_device(**tensors: torch.Tensor) -> None:
 
 
 def assert_in_range(values: torch.Tensor, low: int, high: int, msg: str) -> None:
-    """Value check without a host sync: asynchronous on CUDA, immediate on CPU.
+    """Value check without a host sync in the dispatcher's eyes: ``torch._assert_async`` is checked
+    asynchronously on CUDA and immediately on CPU (where it raises ``ValueError(msg)``).
 
     Kernels still clamp or mask indices themselves, so a failing value can never make them
     read or write out of bounds before the asynchronous assert fires.
@@ -81,9 +82,10 @@ def assert_in_range(values: torch.Tensor, low: int, high: int, msg: str) -> None
     if values.numel() == 0:
         return
     ok = ((values >= low) & (values < high)).all()
-    if values.device.type == "cpu":
-        if not bool(ok):
-            raise ValueError(msg)
-    else:
+    if values.device.type != "cpu" or torch.compiler.is_compiling():
         torch._assert_async(ok, msg)
-
+        return
+    try:
+        torch._assert_async(ok, msg)
+    except RuntimeError:
+        raise ValueError(msg) from None

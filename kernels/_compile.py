@@ -79,25 +79,36 @@ def resource_usage(cubin: bytes) -> dict:
     return {"regs": found.get("reg", -1), "stack": found.get("stack", 0), "local": found.get("local", 0)}
 
 
-def compile_all(ccs=TARGET_CCS, with_resources: bool = True, name_filter: str | None = None) -> list[dict]:
-    """Compile every spec for every cc; one row per (spec, cc) with ok/error and resource usage."""
-    rows = []
-    for spec in all_compile_specs():
-        if name_filter and name_filter not in spec.name:
-            continue
-        for cc in ccs:
-            row = {"name": spec.name, "kernel": spec.fn.__name__, "cc": cc, "num_warps": spec.num_warps,
-                   "num_stages": spec.num_stages, "default": spec.default, "ok": False}
-            try:
-                compiled = compile_for(spec, cc)
-                row["ok"] = bool(compiled.asm.get("cubin"))
-                row["shared"] = int(compiled.metadata.shared)
-                if with_resources:
-                    row.update(resource_usage(compiled.asm["cubin"]))
-            except Exception as e:  # reported per spec; the caller fails on any
-                row["error"] = f"{type(e).__name__}: {str(e)[-2000:]}"
-            rows.append(row)
-    return rows
+def _compile_row(job) -> dict:
+    index, cc, with_resources = job
+    spec = all_compile_specs()[index]
+    row = {"name": spec.name, "kernel": spec.fn.__name__, "cc": cc, "num_warps": spec.num_warps,
+           "num_stages": spec.num_stages, "default": spec.default, "ok": False}
+    try:
+        compiled = compile_for(spec, cc)
+        row["ok"] = bool(compiled.asm.get("cubin"))
+        row["shared"] = int(compiled.metadata.shared)
+        if with_resources:
+            row.update(resource_usage(compiled.asm["cubin"]))
+    except Exception as e:  # reported per spec; the caller fails on any
+        row["error"] = f"{type(e).__name__}: {str(e)[-2000:]}"
+    return row
+
+
+def compile_all(ccs=TARGET_CCS, with_resources: bool = True, name_filter: str | None = None,
+                jobs: int | None = None) -> list[dict]:
+    """Compile every spec for every cc (in ``jobs`` processes); one row per (spec, cc)."""
+    import multiprocessing
+    import os
+
+    specs = all_compile_specs()
+    work = [(i, cc, with_resources) for i, s in enumerate(specs) if not name_filter or name_filter in s.name
+            for cc in ccs]
+    jobs = jobs or min(len(work), os.cpu_count() or 1, 8)
+    if jobs <= 1:
+        return [_compile_row(w) for w in work]
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        return pool.map(_compile_row, work, chunksize=1)
 
 
 def main(argv=None) -> int:

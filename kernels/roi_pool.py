@@ -169,6 +169,8 @@ def _torch_roi_pool(x, rois, ph, pw, spatial_scale):
     N, C, H, W = x.shape
     K = rois.shape[0]
     dev = x.device
+    if K == 0:
+        return x.new_empty((0, C, ph, pw)), torch.empty((0, C, ph, pw), dtype=torch.int32, device=dev)
     r = rois.float()
     b = r[:, 0].nan_to_num(0).clamp(0, N - 1).long()
     coords = r[:, 1:] * spatial_scale
@@ -284,7 +286,7 @@ def compile_specs() -> list[CompileSpec]:
         block, opts = _config.launch_kwargs(cfg)
         for dtype in ("float32", "float16", "bfloat16") if i == 0 else ("bfloat16",):
             t = TORCH_TO_TRITON[dtype]
-            for block_p in (64, 256):
+            for block_p in (64,) if i == 0 else (256,):
                 const = dict(BIG=_BIG, BLOCK_P=block_p, **block)
                 sig = {"x_ptr": f"*{t}", "rois_ptr": "*fp32", "out_ptr": f"*{t}", "argmax_ptr": "*i32",
                        **{k: "i32" for k in ("N", "C", "H", "W", "PH", "PW")}, "spatial_scale": "fp32",

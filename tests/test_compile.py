@@ -18,7 +18,8 @@ def compile_rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("compile") / "rows.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.pop("MASKRCNN_FAST_SINGLE_CONFIG", None)  # every config, not the CI default only
-    proc = subprocess.run([sys.executable, "-m", "kernels._compile", "--json", str(out), "--no-resources"],
+    proc = subprocess.run([sys.executable, "-c", "from kernels._compile import main; raise SystemExit(main())",
+                           "--json", str(out), "--no-resources"],
                           env=env, capture_output=True, text=True, timeout=1200)
     return proc, json.loads(out.read_text()) if out.exists() else []
 

@@ -1,0 +1,262 @@
+"""RoIAlign, multi-level RoIAlign and RoIPool against torchvision (Triton interpreter on CPU)."""
+from collections import OrderedDict
+
+import pytest
+import torch
+import torchvision
+
+import kernels
+from kernels import multiscale_roi_align, roi_align, roi_pool
+
+# dtype -> (atol, rtol) against torchvision run in fp32 on the same (rounded) values
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+
+
+def make_boxes(n_boxes, batch, height, width, scale, seed=0):
+    """Boxes in image coordinates: some inside, some partly or wholly outside, some degenerate."""
+    g = torch.Generator().manual_seed(seed)
+    img_h, img_w = height / scale, width / scale
+    xy = torch.rand(n_boxes, 2, generator=g) * torch.tensor([img_w, img_h]) * 1.2 - 0.1 * torch.tensor([img_w, img_h])
+    wh = torch.rand(n_boxes, 2, generator=g) * torch.tensor([img_w, img_h]) * 0.6
+    b = torch.randint(0, batch, (n_boxes, 1), generator=g).float()
+    boxes = torch.cat([b, xy, xy + wh], 1)
+    boxes[0, 1:] = torch.tensor([2.0, 3.0, 1.0, 1.0])  # x2 < x1, y2 < y1
+    return boxes
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [-1, 1, 2])
+@pytest.mark.parametrize("output_size", [(7, 7), (5, 3)])
+def test_roi_align_forward_matches_torchvision(aligned, sampling_ratio, output_size):
+    x = torch.randn(2, 13, 11, 9)
+    boxes = make_boxes(7, 2, 11, 9, 0.5)
+    ours = roi_align(x, boxes, output_size, 0.5, sampling_ratio, aligned)
+    ref = torchvision.ops.roi_align(x, boxes, output_size, 0.5, sampling_ratio, aligned)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    assert ref.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_roi_align_dtypes_and_layouts(dtype, channels_last):
+    x = torch.randn(2, 33, 13, 7).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    boxes = make_boxes(5, 2, 13, 7, 1.0, seed=1)
+    ours = roi_align(x, boxes, (7, 7), 1.0, 2, True)
+    assert ours.dtype == dtype
+    ref = torchvision.ops.roi_align(x.float(), boxes, (7, 7), 1.0, 2, True)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(ours.float(), ref, atol=atol, rtol=rtol)
+
+
+def test_roi_align_non_contiguous_input_and_boxes_list():
+    base = torch.randn(2, 9, 14, 22)
+    x = base[:, ::2, :, 1:20:2]  # strided in channels and width
+    assert not x.is_contiguous()
+    boxes = [torch.tensor([[0.5, 1.0, 6.0, 9.0], [2.0, 2.0, 3.0, 12.0]]), torch.tensor([[1.0, 1.0, 8.0, 8.0]])]
+    ours = roi_align(x, boxes, 4, 1.0, -1, False)
+    ref = torchvision.ops.roi_align(x.contiguous(), boxes, 4, 1.0, -1, False)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+def test_roi_align_backward_matches_torchvision(aligned, sampling_ratio):
+    x = torch.randn(2, 7, 11, 13, dtype=torch.float64).float()
+    boxes = make_boxes(9, 2, 11, 13, 0.5, seed=2)
+    grad = torch.randn(9, 7, 5, 3)
+    ours_x = x.clone().requires_grad_()
+    roi_align(ours_x, boxes, (5, 3), 0.5, sampling_ratio, aligned, deterministic=False).backward(grad)
+    ref_x = x.clone().requires_grad_()
+    torchvision.ops.roi_align(ref_x, boxes, (5, 3), 0.5, sampling_ratio, aligned).backward(grad)
+    torch.testing.assert_close(ours_x.grad, ref_x.grad, atol=1e-5, rtol=1e-5)
+    assert ref_x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deterministic_backward_is_bitwise_reproducible_and_correct(dtype):
+    x = torch.randn(2, 11, 9, 9).to(dtype)
+    boxes = make_boxes(13, 2, 9, 9, 1.0, seed=3)
+    grad = torch.randn(13, 11, 7, 7).to(dtype)
+    grads = []
+    for _ in range(2):
+        leaf = x.clone().requires_grad_()
+        roi_align(leaf, boxes, 7, 1.0, 2, False, deterministic=True).backward(grad)
+        grads.append(leaf.grad)
+    assert torch.equal(grads[0], grads[1])
+    ref_x = x.float().clone().requires_grad_()
+    torchvision.ops.roi_align(ref_x, boxes, 7, 1.0, 2, False).backward(grad.float())
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(grads[0].float(), ref_x.grad, atol=atol, rtol=rtol)
+
+
+def test_deterministic_mode_follows_torch_flag():
+    x = torch.randn(1, 3, 8, 8, requires_grad=True)
+    boxes = torch.tensor([[0, 1.0, 1.0, 6.0, 6.0]])
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = roi_align(x, boxes, 3, 1.0, 2, False)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert out.grad_fn is not None
+    # the flag travels with the op; the backward then runs the fixed-point kernel
+    out.sum().backward()
+    ref_x = x.detach().clone().requires_grad_()
+    torchvision.ops.roi_align(ref_x, boxes, 3, 1.0, 2, False).sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad)
+
+
+def fpn_inputs(seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    img = (256, 320)
+    feats = [torch.randn(2, 5, img[0] // s, img[1] // s, generator=g).to(dtype) for s in (4, 8, 16, 32)]
+    # sizes spread over all four levels (sqrt(area) from 10 to 470 px)
+    sizes = torch.tensor([10.0, 40, 90, 150, 230, 300, 60, 470, 20])
+    xy = torch.rand(len(sizes), 2, generator=g) * 100
+    boxes = torch.cat([xy, xy + sizes[:, None]], 1)
+    return feats, [boxes[:5], boxes[5:]], img
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multiscale_roi_align_matches_torchvision(dtype):
+    feats, boxes, img = fpn_inputs(dtype=dtype)
+    pooler = torchvision.ops.MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    ref_feats = [f.detach().float().clone().requires_grad_() for f in feats]
+    ref = pooler(OrderedDict((str(i), f) for i, f in enumerate(ref_feats)), boxes, [img, img])
+    levels = pooler.map_levels(boxes)
+    assert set(levels.tolist()) == {0, 1, 2, 3}
+    ours_feats = [f.detach().clone().requires_grad_() for f in feats]
+    ours = multiscale_roi_align(ours_feats, boxes, 7, [1 / 4, 1 / 8, 1 / 16, 1 / 32], 2)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(ours.float(), ref, atol=atol, rtol=rtol)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    ours.backward(grad.to(dtype))
+    for o, r in zip(ours_feats, ref_feats):
+        assert r.grad.abs().sum() > 0  # every level receives gradient
+        torch.testing.assert_close(o.grad.float(), r.grad, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_roi_pool_matches_torchvision(backend):
+    x = torch.randn(2, 7, 13, 11)
+    boxes = make_boxes(9, 2, 13, 11, 0.5, seed=4)
+    boxes[1, 1:] = torch.tensor([2.5, 0.5, 3.5, 1.5])  # half-way rounding
+    grad = torch.randn(9, 7, 5, 3)
+    with kernels.use_backend(backend):
+        ours_x = x.clone().requires_grad_()
+        ours = roi_pool(ours_x, boxes, (5, 3), 0.5)
+        ours.backward(grad)
+    ref_x = x.clone().requires_grad_()
+    ref = torchvision.ops.roi_pool(ref_x, boxes, (5, 3), 0.5)
+    ref.backward(grad)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(ours_x.grad, ref_x.grad)
+
+
+def test_roi_pool_deterministic_backward_bitwise():
+    x = torch.randn(1, 5, 9, 9)
+    boxes = torch.tensor([[0, 0.0, 0.0, 8.0, 8.0]] * 6)  # identical boxes hit the same cells
+    grad = torch.randn(6, 5, 2, 2)
+    grads = []
+    for _ in range(2):
+        leaf = x.clone().requires_grad_()
+        roi_pool(leaf, boxes, 2, 1.0, deterministic=True).backward(grad)
+        grads.append(leaf.grad)
+    assert torch.equal(grads[0], grads[1])
+    ref_x = x.clone().requires_grad_()
+    torchvision.ops.roi_pool(ref_x, boxes, 2, 1.0).backward(grad)
+    torch.testing.assert_close(grads[0], ref_x.grad)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_torch_fallback_and_interpreter_agree_with_torchvision(backend):
+    feats, boxes, img = fpn_inputs(seed=5)
+    x = feats[0]
+    rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i)), b], 1) for i, b in enumerate(boxes)])
+    grad = torch.randn(len(rois), 5, 6, 6)
+    with kernels.use_backend(backend):
+        leaf = x.clone().requires_grad_()
+        ours = roi_align(leaf, rois, 6, 0.25, -1, True)
+        ours.backward(grad)
+    ref_x = x.clone().requires_grad_()
+    ref = torchvision.ops.roi_align(ref_x, rois, 6, 0.25, -1, True)
+    ref.backward(grad)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(leaf.grad, ref_x.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_empty_and_nan_boxes(backend):
+    x = torch.randn(1, 3, 8, 8)
+    with kernels.use_backend(backend):
+        empty = roi_align(x, torch.zeros(0, 5), 7)
+        assert empty.shape == (0, 3, 7, 7)
+        assert roi_pool(x, torch.zeros(0, 5), 2).shape == (0, 3, 2, 2)
+        nan_box = torch.tensor([[0, float("nan"), 1.0, 5.0, 5.0], [0, 1.0, 1.0, float("inf"), 5.0]])
+        out = roi_align(x, nan_box, 3, 1.0, -1, False)
+        assert torch.isfinite(out).all()
+        assert out[0].abs().sum() == 0  # NaN coordinates sample nothing
+        assert torch.isfinite(roi_pool(x, nan_box, 2)).all()
+
+
+def test_bad_inputs_raise_clearly():
+    x = torch.randn(2, 3, 8, 8)
+    good = torch.tensor([[0, 1.0, 1.0, 4.0, 4.0]])
+    with pytest.raises(ValueError, match="batch index"):
+        roi_align(x, torch.tensor([[2, 1.0, 1.0, 4.0, 4.0]]), 2)
+    with pytest.raises(ValueError, match="batch index"):
+        roi_pool(x, torch.tensor([[-1, 1.0, 1.0, 4.0, 4.0]]), 2)
+    with pytest.raises(ValueError, match="last dimension 5"):
+        roi_align(x, torch.zeros(3, 4), 2)
+    with pytest.raises(ValueError, match="last dimension 4"):
+        roi_align(x, [torch.zeros(3, 5)], 2)
+    with pytest.raises(TypeError, match="dtype"):
+        roi_align(x, good.half(), 2)
+    with pytest.raises(TypeError, match="dtype"):
+        roi_align(x.long(), good, 2)
+    with pytest.raises(ValueError, match="one device"):
+        roi_align(x, good.to("meta"), 2)
+    with pytest.raises(ValueError, match="positive"):
+        roi_align(x, good, (0, 3))
+    with pytest.raises(ValueError, match="4 dimensions"):
+        roi_align(x[0], good, 2)
+    with pytest.raises(ValueError, match="scales"):
+        multiscale_roi_align([x, x[:, :, :4, :4]], good, 2, [0.25])
+
+
+def test_opcheck_and_compile():
+    x = torch.randn(2, 3, 9, 7, requires_grad=True)
+    rois = torch.tensor([[0, 1.0, 1.0, 6.0, 5.0], [1, 0.0, 2.0, 3.0, 8.0]])
+    levels = torch.zeros(2, dtype=torch.int32)
+    torch.library.opcheck(torch.ops.maskrcnn_fast.roi_align_forward.default,
+                          ([x], rois, levels, [1.0], 3, 3, 2, False, False))
+    torch.library.opcheck(torch.ops.maskrcnn_fast.roi_pool_forward.default, (x, rois, 2, 2, 1.0, False))
+    fn = torch.compile(lambda t: roi_align(t, rois, 3, 1.0, 2, True).sum() + roi_pool(t, rois, 2).sum(),
+                       fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(fn(x), roi_align(x, rois, 3, 1.0, 2, True).sum() + roi_pool(x, rois, 2).sum())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_box_head_shape_matches_torchvision(dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    feats = [torch.randn(2, 256, 800 // s, 1216 // s, device="cuda", generator=g).to(dtype) for s in (4, 8, 16, 32)]
+    xy = torch.rand(1024, 2, device="cuda", generator=g) * 800
+    boxes = torch.cat([xy, xy + torch.rand(1024, 2, device="cuda", generator=g) * 400], 1)
+    boxes = [boxes[:512], boxes[512:]]
+    pooler = torchvision.ops.MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    ref = pooler(OrderedDict((str(i), f.float()) for i, f in enumerate(feats)), boxes, [(800, 1216)] * 2)
+    ours = multiscale_roi_align(feats, boxes, 7, [1 / 4, 1 / 8, 1 / 16, 1 / 32], 2)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(ours.float(), ref, atol=atol, rtol=rtol)
+    grads = []
+    for det in (True, True, False):
+        leaves = [f.detach().requires_grad_() for f in feats]
+        multiscale_roi_align(leaves, boxes, 7, [1 / 4, 1 / 8, 1 / 16, 1 / 32], 2, deterministic=det).sum().backward()
+        grads.append([leaf.grad for leaf in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1]))
+    for a, b in zip(grads[0], grads[2]):
+        torch.testing.assert_close(a.float(), b.float(), atol=atol * 10, rtol=rtol)
