@@ -20,6 +20,8 @@ import torch
 
 from kernels._backend import FLOAT_DTYPES, assert_in_range, check_same_device, check_tensor
 
+MAX_GRID = 1024  # cap on RoIAlign's adaptive sampling grid per axis, so absurd boxes cannot run forever
+
 
 def pair(output_size, name: str = "output_size") -> tuple[int, int]:
     if isinstance(output_size, int):
