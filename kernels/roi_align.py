@@ -132,7 +132,7 @@ def _roi_align_fwd_kernel(
     x0, x1, x2, x3, x4, meta_ptr, scales_ptr, rois_ptr, levels_ptr, out_ptr,
     N, C, PH, PW, sampling_ratio,
     ALIGNED: tl.constexpr, NUM_LEVELS: tl.constexpr, MAX_GRID: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     k = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -142,7 +142,7 @@ def _roi_align_fwd_kernel(
         ALIGNED, NUM_LEVELS, MAX_GRID)
     x_ptr = _select_level(lvl, x0, x1, x2, x3, x4, NUM_LEVELS)
     s_n = tl.load(meta_ptr + lvl * 10 + 2)
-    s_c = tl.load(meta_ptr + lvl * 10 + 3)
+    s_c = 1 if CHANNELS_LAST else tl.load(meta_ptr + lvl * 10 + 3)  # constexpr 1: 16-byte channel runs
     s_h = tl.load(meta_ptr + lvl * 10 + 4)
     s_w = tl.load(meta_ptr + lvl * 10 + 5)
 
@@ -177,7 +177,7 @@ def _roi_align_bwd_kernel(
     g0, g1, g2, g3, g4, meta_ptr, scales_ptr, rois_ptr, levels_ptr, grad_ptr, fix_scale_ptr,
     N, C, PH, PW, sampling_ratio, sg_k, sg_c, sg_h, sg_w,
     ALIGNED: tl.constexpr, NUM_LEVELS: tl.constexpr, MAX_GRID: tl.constexpr,
-    DETERMINISTIC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    DETERMINISTIC: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     k = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -187,7 +187,7 @@ def _roi_align_bwd_kernel(
         ALIGNED, NUM_LEVELS, MAX_GRID)
     acc_ptr = _select_level(lvl, g0, g1, g2, g3, g4, NUM_LEVELS)
     s_n = tl.load(meta_ptr + lvl * 10 + 6)
-    s_c = tl.load(meta_ptr + lvl * 10 + 7)
+    s_c = 1 if CHANNELS_LAST else tl.load(meta_ptr + lvl * 10 + 7)
     s_h = tl.load(meta_ptr + lvl * 10 + 8)
     s_w = tl.load(meta_ptr + lvl * 10 + 9)
 
@@ -244,6 +244,10 @@ def _block_p(ph: int, pw: int) -> int:
     return triton.next_power_of_2(ph * pw)
 
 
+def _channels_last(tensors: Sequence[torch.Tensor]) -> bool:
+    return all(t.stride(1) == 1 for t in tensors)
+
+
 def _level_meta(features: Sequence[torch.Tensor], grads: Sequence[torch.Tensor] | None) -> torch.Tensor:
     rows = []
     for i, f in enumerate(features):
@@ -266,7 +270,8 @@ def _launch_fwd(features, rois, levels, scales, ph, pw, sampling_ratio, aligned)
     grid = (K, triton.cdiv(C, block["BLOCK_C"]))
     _roi_align_fwd_kernel[grid](*ptrs, meta, scales_t, rois, levels, out, x.shape[0], C, ph, pw,
                                 sampling_ratio, ALIGNED=aligned, NUM_LEVELS=len(features),
-                                MAX_GRID=MAX_GRID, BLOCK_P=_block_p(ph, pw), **block, **opts)
+                                MAX_GRID=MAX_GRID, CHANNELS_LAST=_channels_last(features),
+                                BLOCK_P=_block_p(ph, pw), **block, **opts)
     return out
 
 
@@ -275,7 +280,8 @@ def _launch_bwd(grad, features, rois, levels, scales, ph, pw, sampling_ratio, al
     x = features[0]
     K, C = rois.shape[0], x.shape[1]
     acc_dtype = torch.int64 if deterministic else torch.float32
-    accs = [torch.zeros(f.shape, dtype=acc_dtype, device=f.device) for f in features]
+    # accumulators keep the features' layout (channels_last stays channels_last)
+    accs = [torch.zeros_like(f, dtype=acc_dtype) for f in features]
     fix = fixed_point_scale(grad, K * ph * pw) if deterministic else None
     if K > 0 and C > 0:
         meta = _level_meta(features, accs)
@@ -289,6 +295,7 @@ def _launch_bwd(grad, features, rois, levels, scales, ph, pw, sampling_ratio, al
                                     fix if deterministic else scales_t, x.shape[0], C, ph, pw,
                                     sampling_ratio, *grad.stride(), ALIGNED=aligned,
                                     NUM_LEVELS=len(features), MAX_GRID=MAX_GRID,
+                                    CHANNELS_LAST=_channels_last(features + accs),
                                     DETERMINISTIC=deterministic, BLOCK_P=_block_p(ph, pw), **block, **opts)
     if deterministic:
         return [from_fixed_point(a, fix, f.dtype, grad) for a, f in zip(accs, features)]
@@ -404,13 +411,16 @@ def multiscale_roi_align(features: Sequence[torch.Tensor], rois, output_size, sp
                               int(sampling_ratio), bool(aligned), _deterministic(deterministic))
 
 
-def _spec(dtype: str, cfg: dict, levels: int, aligned: bool, block_p: int, det: bool | None, default: bool):
+def _spec(dtype: str, cfg: dict, levels: int, aligned: bool, block_p: int, det: bool | None, default: bool,
+          channels_last: bool):
     t = TORCH_TO_TRITON[dtype]
     block, opts = _config.launch_kwargs(cfg)
-    const = dict(ALIGNED=aligned, NUM_LEVELS=levels, MAX_GRID=MAX_GRID, BLOCK_P=block_p, **block)
+    const = dict(ALIGNED=aligned, NUM_LEVELS=levels, MAX_GRID=MAX_GRID, CHANNELS_LAST=channels_last,
+                 BLOCK_P=block_p, **block)
     common = {"meta_ptr": "*i64", "scales_ptr": "*fp32", "rois_ptr": "*fp32", "levels_ptr": "*i32"}
     dims = {"N": "i32", "C": "i32", "PH": "i32", "PW": "i32", "sampling_ratio": "i32"}
-    tag = f"{dtype},L{levels},al{int(aligned)},P{block_p},C{block['BLOCK_C']},w{opts['num_warps']}"
+    tag = (f"{dtype},L{levels},al{int(aligned)},cl{int(channels_last)},P{block_p},C{block['BLOCK_C']},"
+           f"w{opts['num_warps']}")
     if det is None:
         sig = {**{f"x{i}": f"*{t}" for i in range(MAX_LEVELS)}, **common, "out_ptr": f"*{t}", **dims,
                **{k: "constexpr" for k in const}}
@@ -429,9 +439,10 @@ def compile_specs() -> list[CompileSpec]:
     other config once (bf16, 5 levels, 14x14 bins)."""
     specs = []
     for i, cfg in enumerate(_CONFIGS):
-        cases = ((("float32", 1, False, 64), ("float16", 5, False, 64), ("bfloat16", 5, True, 64)) if i == 0
-                 else (("bfloat16", 5, False, 256),))
-        for dtype, levels, aligned, block_p in cases:
+        cases = ((("float32", 1, False, 64, False), ("float16", 5, False, 64, True),
+                  ("bfloat16", 5, True, 64, False)) if i == 0 else (("bfloat16", 5, False, 256, True),))
+        for dtype, levels, aligned, block_p, channels_last in cases:
             for det in (None, False, True):
-                specs.append(_spec(dtype, cfg, levels, aligned, block_p, det, default=i == 0))
+                specs.append(_spec(dtype, cfg, levels, aligned, block_p, det, default=i == 0,
+                                   channels_last=channels_last))
     return specs

@@ -76,7 +76,7 @@ def test_roi_align_backward_matches_torchvision(aligned, sampling_ratio):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_deterministic_backward_is_bitwise_reproducible_and_correct(dtype):
-    x = torch.randn(2, 11, 9, 9).to(dtype)
+    x = torch.randn(2, 11, 9, 9).to(dtype).to(memory_format=torch.channels_last)
     boxes = make_boxes(13, 2, 9, 9, 1.0, seed=3)
     grad = torch.randn(13, 11, 7, 7).to(dtype)
     grads = []
@@ -84,6 +84,7 @@ def test_deterministic_backward_is_bitwise_reproducible_and_correct(dtype):
         leaf = x.clone().requires_grad_()
         roi_align(leaf, boxes, 7, 1.0, 2, False, deterministic=True).backward(grad)
         grads.append(leaf.grad)
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(grads[0], grads[1])
     ref_x = x.float().clone().requires_grad_()
     torchvision.ops.roi_align(ref_x, boxes, 7, 1.0, 2, False).backward(grad.float())
