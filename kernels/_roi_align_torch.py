@@ -92,6 +92,8 @@ def _torch_roi_align_bwd(grad, features, rois, levels, scales, ph, pw, sampling_
     grads, start = [], 0
     for f in features:
         H, W = f.shape[2:]
-        grads.append(acc[:, start:start + H * W].reshape(N, H, W, C).permute(0, 3, 1, 2).to(f.dtype))
+        # a fresh tensor per level: custom-op outputs must not alias each other (or the accumulator)
+        grads.append(torch.empty(f.shape, dtype=f.dtype, device=f.device).copy_(
+            acc[:, start:start + H * W].reshape(N, H, W, C).permute(0, 3, 1, 2)))
         start += H * W
     return grads

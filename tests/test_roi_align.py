@@ -120,8 +120,9 @@ def fpn_inputs(seed=0, dtype=torch.float32):
     return feats, [boxes[:5], boxes[5:]], img
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_multiscale_roi_align_matches_torchvision(dtype):
+@pytest.mark.parametrize("backend,dtype", [("triton", torch.float32), ("triton", torch.bfloat16),
+                                           ("torch", torch.float32)])
+def test_multiscale_roi_align_matches_torchvision(backend, dtype):
     feats, boxes, img = fpn_inputs(dtype=dtype)
     pooler = torchvision.ops.MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
     ref_feats = [f.detach().float().clone().requires_grad_() for f in feats]
@@ -129,12 +130,13 @@ def test_multiscale_roi_align_matches_torchvision(dtype):
     levels = pooler.map_levels(boxes)
     assert set(levels.tolist()) == {0, 1, 2, 3}
     ours_feats = [f.detach().clone().requires_grad_() for f in feats]
-    ours = multiscale_roi_align(ours_feats, boxes, 7, [1 / 4, 1 / 8, 1 / 16, 1 / 32], 2)
+    grad = torch.randn_like(ref)
+    with kernels.use_backend(backend):
+        ours = multiscale_roi_align(ours_feats, boxes, 7, [1 / 4, 1 / 8, 1 / 16, 1 / 32], 2)
+        ours.backward(grad.to(dtype))
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(ours.float(), ref, atol=atol, rtol=rtol)
-    grad = torch.randn_like(ref)
     ref.backward(grad)
-    ours.backward(grad.to(dtype))
     for o, r in zip(ours_feats, ref_feats):
         assert r.grad.abs().sum() > 0  # every level receives gradient
         torch.testing.assert_close(o.grad.float(), r.grad, atol=atol, rtol=rtol)
