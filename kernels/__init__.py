@@ -13,3 +13,5 @@ from kernels.roi_align import roi_align, multiscale_roi_align  # noqa: E402
 from kernels.roi_pool import roi_pool  # noqa: E402
 
 __all__ += ["roi_align", "roi_pool", "multiscale_roi_align"]
+from kernels.nms import batched_nms, nms, nms_padded  # noqa: E402
+__all__ += ["nms", "batched_nms", "nms_padded"]

@@ -1,0 +1,315 @@
+"""Non-maximum suppression on the device: an IoU bitmask kernel and a greedy reduction kernel.
+
+Maths (torchvision's exact rule)
+    Boxes are visited in decreasing score order (a stable sort, so ties keep input order).
+    Box i is kept unless an earlier kept box j of the same class (or image) has
+        IoU(i, j) = inter / (area_i + area_j - inter) > iou_threshold,
+        inter = max(0, min(x2) - max(x1)) * max(0, min(y2) - max(y1)),  area = (x2 - x1) * (y2 - y1),
+    all in fp32 (fp16/bf16 boxes are up-cast in registers).
+    Defined behaviour: NaN scores are treated as -inf; -inf scores mark padding and are never kept;
+    boxes with a non-finite coordinate never suppress and are never suppressed; x2 < x1 gives the
+    formula's value (IoU <= 0), as torchvision.
+
+Kernels
+    1. ``_nms_mask_kernel``: for every image and every pair of 64-box tiles on or above the diagonal,
+       one bit per (i, j>i) pair: mask[b, i, j // 64] bit j % 64 = "i suppresses j". The lower
+       triangle is never computed.
+    2. ``_nms_reduce_kernel``: one program per image walks the sorted boxes 64 at a time: it resolves
+       the 64-box block against the running "removed" word with scalar bit operations, records the
+       kept boxes, ORs the kept rows of the later words into the removed bitset, and stops as soon as
+       ``max_output`` boxes are kept. Output: fixed-size ``keep[B, max_output]`` (-1 padded) and
+       ``num_kept[B]``, so nothing ever syncs with the host.
+
+Bytes moved, per image with N boxes (W = ceil(N / 64) words)
+    mask kernel  : reads N * (4 * e + 4 + 4) (boxes, class ids, validity) once per tile row/column,
+                   writes N * W * 8 / 2 bytes (upper triangle of the N x N / 8 bitmask)
+    reduce kernel: reads at most the same upper triangle (less with the early stop), writes
+                   max_output * 8 + W * 8 (keep list + removed bitset)
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import _config
+from kernels._backend import backend_for, check_same_device, check_tensor, FLOAT_DTYPES
+from kernels._compile import TORCH_TO_TRITON, CompileSpec
+
+WORD = 64
+
+
+@triton.jit
+def _nms_mask_kernel(
+    boxes_ptr, cls_ptr, nvalid_ptr, mask_ptr, N, W, iou_threshold,
+    HAS_CLASSES: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    rb = tl.program_id(1)
+    cb = tl.program_id(2)  # column word
+    # only tiles on or above the diagonal: the row tile must start before this word ends
+    if rb * BLOCK_ROWS < (cb + 1) * 64:
+        n_valid = tl.load(nvalid_ptr + b)
+        i = rb * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        j = cb * 64 + tl.arange(0, 64)
+        bi = boxes_ptr + (b * N + i) * 4
+        bj = boxes_ptr + (b * N + j) * 4
+        mi = i < N
+        mj = j < N
+        x1i = tl.load(bi + 0, mask=mi, other=0.0).to(tl.float32)
+        y1i = tl.load(bi + 1, mask=mi, other=0.0).to(tl.float32)
+        x2i = tl.load(bi + 2, mask=mi, other=0.0).to(tl.float32)
+        y2i = tl.load(bi + 3, mask=mi, other=0.0).to(tl.float32)
+        x1j = tl.load(bj + 0, mask=mj, other=0.0).to(tl.float32)
+        y1j = tl.load(bj + 1, mask=mj, other=0.0).to(tl.float32)
+        x2j = tl.load(bj + 2, mask=mj, other=0.0).to(tl.float32)
+        y2j = tl.load(bj + 3, mask=mj, other=0.0).to(tl.float32)
+        area_i = (x2i - x1i) * (y2i - y1i)
+        area_j = (x2j - x1j) * (y2j - y1j)
+        w = tl.maximum(tl.minimum(x2i[:, None], x2j[None, :]) - tl.maximum(x1i[:, None], x1j[None, :]), 0.0)
+        h = tl.maximum(tl.minimum(y2i[:, None], y2j[None, :]) - tl.maximum(y1i[:, None], y1j[None, :]), 0.0)
+        inter = w * h
+        iou = inter / (area_i[:, None] + area_j[None, :] - inter)
+        # a non-finite coordinate (x - x != 0 for NaN and inf) never suppresses nor is suppressed
+        fin_i = ((x1i - x1i) == 0) & ((y1i - y1i) == 0) & ((x2i - x2i) == 0) & ((y2i - y2i) == 0)
+        fin_j = ((x1j - x1j) == 0) & ((y1j - y1j) == 0) & ((x2j - x2j) == 0) & ((y2j - y2j) == 0)
+        sup = (iou > iou_threshold) & (j[None, :] > i[:, None]) & (j < n_valid)[None, :]
+        sup = sup & fin_i[:, None] & fin_j[None, :]
+        if HAS_CLASSES:
+            ci = tl.load(cls_ptr + b * N + i, mask=mi, other=-1)
+            cj = tl.load(cls_ptr + b * N + j, mask=mj, other=-2)
+            sup = sup & (ci[:, None] == cj[None, :])
+        bits = sup.to(tl.int64) << tl.arange(0, 64).to(tl.int64)[None, :]
+        word = tl.sum(bits, axis=1)  # disjoint bits: the sum is the OR
+        tl.store(mask_ptr + (b * N + i) * W + cb, word, mask=mi)
+
+
+@triton.jit
+def _or(a, b):
+    return a | b
+
+
+@triton.jit
+def _nms_reduce_kernel(
+    mask_ptr, nvalid_ptr, removed_ptr, keep_ptr, count_ptr, N, W, max_output,
+    BLOCK_W: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    n_valid = tl.load(nvalid_ptr + b)
+    n_blocks = (n_valid + 63) // 64
+    rows = tl.arange(0, 64)
+    count = n_valid * 0
+    blk = n_valid * 0
+    while (blk < n_blocks) & (count < max_output):
+        r = tl.load(removed_ptr + b * W + blk)
+        kept_bits = r * 0
+        for jj in range(64):
+            i = blk * 64 + jj
+            alive = (i < n_valid) & (((r >> jj) & 1) == 0) & (count < max_output)
+            row_word = tl.load(mask_ptr + (b * N + i) * W + blk, mask=alive, other=0)
+            r = r | row_word
+            kept_bits = kept_bits | (alive.to(tl.int64) << jj)
+            tl.store(keep_ptr + b * max_output + count, i.to(tl.int64), mask=alive)
+            count += alive.to(tl.int32)
+        # the kept rows suppress boxes in later words: OR them into the removed bitset
+        if kept_bits != 0:
+            row_kept = ((kept_bits >> rows.to(tl.int64)) & 1) != 0
+            row_ptr = mask_ptr + (b * N + blk * 64 + rows.to(tl.int64)) * W
+            for w0 in range(blk + 1, W, BLOCK_W):
+                words = w0 + tl.arange(0, BLOCK_W)
+                wm = words < W
+                tile = tl.load(row_ptr[:, None] + words[None, :], mask=row_kept[:, None] & wm[None, :], other=0)
+                acc = tl.reduce(tile, 0, _or)
+                old = tl.load(removed_ptr + b * W + words, mask=wm, other=0)
+                tl.store(removed_ptr + b * W + words, old | acc, mask=wm)
+            tl.debug_barrier()  # the next block's scalar load must see every thread's OR
+        blk += 1
+    tl.store(count_ptr + b, count.to(tl.int64))
+
+
+_CONFIGS = [
+    {"BLOCK_ROWS": 64, "BLOCK_W": 64, "num_warps": 4, "num_stages": 1},
+    {"BLOCK_ROWS": 128, "BLOCK_W": 128, "num_warps": 8, "num_stages": 1},
+    {"BLOCK_ROWS": 64, "BLOCK_W": 32, "num_warps": 2, "num_stages": 1},
+]
+
+
+def get_configs() -> list[dict]:
+    return _config.collapse(_CONFIGS)
+
+
+def _check(boxes, scores, idxs, max_output):
+    check_tensor(boxes, "boxes", ndim=3, last_dim=4, dtypes=FLOAT_DTYPES)
+    check_tensor(scores, "scores", ndim=2, dtypes=FLOAT_DTYPES)
+    if scores.shape != boxes.shape[:2]:
+        raise ValueError(f"scores must be [B,N] = {tuple(boxes.shape[:2])}, got {tuple(scores.shape)}")
+    check_same_device(boxes=boxes, scores=scores)
+    if idxs is not None:
+        check_tensor(idxs, "idxs", ndim=2)
+        if idxs.dtype.is_floating_point or idxs.dtype == torch.bool:
+            raise TypeError(f"idxs must be an integer tensor, got {idxs.dtype}")
+        if idxs.shape != scores.shape:
+            raise ValueError(f"idxs must be [B,N] = {tuple(scores.shape)}, got {tuple(idxs.shape)}")
+        check_same_device(boxes=boxes, idxs=idxs)
+    if not isinstance(max_output, int) or max_output < 1:
+        raise ValueError(f"max_output must be an int >= 1, got {max_output!r}")
+
+
+def _sorted_inputs(boxes, scores, idxs):
+    """Stable descending sort per image; NaN scores become -inf; count of valid (finite-score) boxes."""
+    s = torch.where(torch.isnan(scores), torch.full_like(scores, float("-inf")), scores)
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    s_sorted = s.gather(1, order)
+    n_valid = (s_sorted > float("-inf")).sum(1)
+    boxes_sorted = boxes.gather(1, order[..., None].expand(-1, -1, 4)).contiguous()
+    cls_sorted = idxs.gather(1, order).to(torch.int32).contiguous() if idxs is not None else None
+    return order, boxes_sorted, cls_sorted, n_valid
+
+
+def _launch(boxes, cls, n_valid, iou_threshold, max_output):
+    B, N = boxes.shape[:2]
+    W = triton.cdiv(N, WORD)
+    dev = boxes.device
+    keep = torch.full((B, max_output), -1, dtype=torch.int64, device=dev)
+    count = torch.zeros(B, dtype=torch.int64, device=dev)
+    if N == 0 or B == 0:
+        return keep, count
+    cfg = _config.pick("nms", "all", get_configs())
+    meta, opts = _config.launch_kwargs(cfg)
+    mask = torch.empty((B, N, W), dtype=torch.int64, device=dev)
+    removed = torch.zeros((B, W), dtype=torch.int64, device=dev)
+    n_valid32 = n_valid.to(torch.int32)
+    grid = (B, triton.cdiv(N, meta["BLOCK_ROWS"]), W)
+    _nms_mask_kernel[grid](boxes, cls if cls is not None else n_valid32, n_valid32, mask, N, W,
+                           float(iou_threshold), HAS_CLASSES=cls is not None, BLOCK_ROWS=meta["BLOCK_ROWS"], **opts)
+    _nms_reduce_kernel[(B,)](mask, n_valid32, removed, keep, count, N, W, max_output,
+                             BLOCK_W=meta["BLOCK_W"], **opts)
+    return keep, count
+
+
+def _torch_nms(boxes, cls, n_valid, iou_threshold, max_output):
+    """Vectorized PyTorch greedy NMS over the batch (CPU backend); same maths, no host sync."""
+    B, N = boxes.shape[:2]
+    dev = boxes.device
+    keep = torch.full((B, max_output), -1, dtype=torch.int64, device=dev)
+    if N == 0:
+        return keep, torch.zeros(B, dtype=torch.int64, device=dev)
+    bx = boxes.float()
+    x1, y1, x2, y2 = bx.unbind(-1)
+    area = (x2 - x1) * (y2 - y1)
+    w = (torch.minimum(x2[:, :, None], x2[:, None]) - torch.maximum(x1[:, :, None], x1[:, None])).clamp_min(0)
+    h = (torch.minimum(y2[:, :, None], y2[:, None]) - torch.maximum(y1[:, :, None], y1[:, None])).clamp_min(0)
+    inter = w * h
+    iou = inter / (area[:, :, None] + area[:, None] - inter)
+    finite = torch.isfinite(bx).all(-1)
+    ar = torch.arange(N, device=dev)
+    sup = (iou > iou_threshold) & (ar[None, None] > ar[None, :, None]) & (ar < n_valid[:, None])[:, None]
+    sup &= finite[:, :, None] & finite[:, None]
+    if cls is not None:
+        sup &= cls[:, :, None] == cls[:, None]
+    removed = torch.zeros(B, N, dtype=torch.bool, device=dev)
+    kept = torch.zeros(B, N, dtype=torch.bool, device=dev)
+    count = torch.zeros(B, dtype=torch.int64, device=dev)
+    for i in range(N):
+        alive = ~removed[:, i] & (i < n_valid) & (count < max_output)
+        kept[:, i] = alive
+        removed |= alive[:, None] & sup[:, i]
+        count += alive
+    # kept positions in order, written into the fixed-size output without a sync
+    slot = torch.where(kept, kept.cumsum(1) - 1, torch.full_like(ar[None].expand(B, N), max_output))
+    keep_ext = torch.full((B, max_output + 1), -1, dtype=torch.int64, device=dev)
+    keep_ext.scatter_(1, slot, ar[None].expand(B, N).clone())
+    keep_ext[:, max_output] = -1
+    return keep_ext[:, :max_output].contiguous(), count
+
+
+@torch.library.custom_op("maskrcnn_fast::nms_padded", mutates_args=())
+def _nms_padded(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor | None, iou_threshold: float,
+                max_output: int) -> tuple[torch.Tensor, torch.Tensor]:
+    order, boxes_s, cls_s, n_valid = _sorted_inputs(boxes, scores, idxs)
+    run = _launch if backend_for(boxes) == "triton" else _torch_nms
+    pos, count = run(boxes_s, cls_s, n_valid, iou_threshold, max_output)
+    keep = torch.where(pos >= 0, order.gather(1, pos.clamp_min(0)), pos)
+    return keep, count
+
+
+@_nms_padded.register_fake
+def _(boxes, scores, idxs, iou_threshold, max_output):
+    B = boxes.shape[0]
+    return (boxes.new_empty((B, max_output), dtype=torch.int64), boxes.new_empty((B,), dtype=torch.int64))
+
+
+def nms_padded(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, max_output: int,
+               idxs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sync-free batched NMS with static output shapes.
+
+    ``boxes [B,N,4]``, ``scores [B,N]``, optional class ids ``idxs [B,N]`` (NMS only within a class).
+    Returns ``keep [B,max_output]`` int64 (indices into N, by decreasing score, -1 padded) and
+    ``num_kept [B]``. Per image, ``keep[b, :num_kept[b]]`` equals torchvision's ``batched_nms``
+    (or ``nms``) truncated to ``max_output``. See the module docstring for NaN/inf/-inf behaviour.
+    """
+    _check(boxes, scores, idxs, max_output)
+    return _nms_padded(boxes, scores, idxs, float(iou_threshold), int(max_output))
+
+
+@torch.library.custom_op("maskrcnn_fast::batched_nms", mutates_args=())
+def _batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor | None,
+                 iou_threshold: float) -> torch.Tensor:
+    N = boxes.shape[0]
+    if N == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    keep, count = _nms_padded(boxes[None], scores[None], None if idxs is None else idxs[None], iou_threshold, N)
+    return keep[0, :int(count[0])].clone()  # the drop-in API's output length is data-dependent: one sync
+
+
+@_batched_nms.register_fake
+def _(boxes, scores, idxs, iou_threshold):
+    return boxes.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int64)
+
+
+def _check_flat(boxes, scores, idxs=None):
+    check_tensor(boxes, "boxes", ndim=2, last_dim=4, dtypes=FLOAT_DTYPES)
+    check_tensor(scores, "scores", ndim=1, dtypes=FLOAT_DTYPES)
+    if scores.shape[0] != boxes.shape[0]:
+        raise ValueError(f"scores must have {boxes.shape[0]} entries, got {scores.shape[0]}")
+    check_same_device(boxes=boxes, scores=scores)
+    if idxs is not None:
+        check_tensor(idxs, "idxs", ndim=1)
+        if idxs.shape[0] != boxes.shape[0]:
+            raise ValueError(f"idxs must have {boxes.shape[0]} entries, got {idxs.shape[0]}")
+        if idxs.dtype.is_floating_point or idxs.dtype == torch.bool:
+            raise TypeError(f"idxs must be an integer tensor, got {idxs.dtype}")
+        check_same_device(boxes=boxes, idxs=idxs)
+
+
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Drop-in for ``torchvision.ops.nms``: kept indices by decreasing score (syncs once for the length)."""
+    _check_flat(boxes, scores)
+    return _batched_nms(boxes, scores, None, float(iou_threshold))
+
+
+def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Drop-in for ``torchvision.ops.batched_nms``: NMS independently per category, one launch set."""
+    _check_flat(boxes, scores, idxs)
+    return _batched_nms(boxes, scores, idxs, float(iou_threshold))
+
+
+def compile_specs() -> list[CompileSpec]:
+    specs = []
+    for i, cfg in enumerate(_CONFIGS):
+        meta, opts = _config.launch_kwargs(cfg)
+        for dtype in ("float32", "float16", "bfloat16") if i == 0 else ("float32",):
+            for has_cls in (False, True):
+                const = {"HAS_CLASSES": has_cls, "BLOCK_ROWS": meta["BLOCK_ROWS"]}
+                sig = {"boxes_ptr": f"*{TORCH_TO_TRITON[dtype]}", "cls_ptr": "*i32", "nvalid_ptr": "*i32",
+                       "mask_ptr": "*i64", "N": "i32", "W": "i32", "iou_threshold": "fp32",
+                       **{k: "constexpr" for k in const}}
+                specs.append(CompileSpec(f"nms_mask[{dtype},cls{int(has_cls)},R{meta['BLOCK_ROWS']},"
+                                         f"w{opts['num_warps']}]", _nms_mask_kernel, sig, const,
+                                         default=i == 0, **opts))
+        const = {"BLOCK_W": meta["BLOCK_W"]}
+        sig = {"mask_ptr": "*i64", "nvalid_ptr": "*i32", "removed_ptr": "*i64", "keep_ptr": "*i64",
+               "count_ptr": "*i64", "N": "i32", "W": "i32", "max_output": "i32", "BLOCK_W": "constexpr"}
+        specs.append(CompileSpec(f"nms_reduce[W{meta['BLOCK_W']},w{opts['num_warps']}]", _nms_reduce_kernel,
+                                 sig, const, default=i == 0, **opts))
+    return specs
