@@ -226,6 +226,10 @@ def _torch_nms(boxes, cls, n_valid, iou_threshold, max_output):
 @torch.library.custom_op("maskrcnn_fast::nms_padded", mutates_args=())
 def _nms_padded(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor | None, iou_threshold: float,
                 max_output: int) -> tuple[torch.Tensor, torch.Tensor]:
+    B, N = scores.shape
+    if N == 0:
+        return (torch.full((B, max_output), -1, dtype=torch.int64, device=boxes.device),
+                torch.zeros(B, dtype=torch.int64, device=boxes.device))
     order, boxes_s, cls_s, n_valid = _sorted_inputs(boxes, scores, idxs)
     run = _launch if backend_for(boxes) == "triton" else _torch_nms
     pos, count = run(boxes_s, cls_s, n_valid, iou_threshold, max_output)

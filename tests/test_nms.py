@@ -1,0 +1,202 @@
+"""NMS, batched NMS and the sync-free padded form against torchvision (Triton interpreter on CPU)."""
+import importlib
+
+import pytest
+import torch
+import torchvision
+
+import kernels
+from kernels import batched_nms, nms, nms_padded
+from maskrcnn_fast.syncs import count_syncs
+
+
+def clustered_boxes(n, seed=0, n_clusters=None, dtype=torch.float32):
+    """Boxes jittered around a few centres, so that suppression really happens."""
+    g = torch.Generator().manual_seed(seed)
+    n_clusters = n_clusters or max(1, n // 6)
+    centres = torch.rand(n_clusters, 2, generator=g) * 200
+    pick = torch.randint(0, n_clusters, (n,), generator=g)
+    c = centres[pick] + torch.randn(n, 2, generator=g) * 4
+    wh = 20 + torch.rand(n, 2, generator=g) * 20
+    boxes = torch.cat([c - wh / 2, c + wh / 2], 1)
+    scores = torch.rand(n, generator=g)
+    return boxes.to(dtype), scores
+
+
+def greedy_reference(boxes, scores, thr, idxs=None):
+    """Plain greedy NMS in fp32 with a stable descending sort (torchvision's formula)."""
+    order = torch.sort(scores, descending=True, stable=True).indices.tolist()
+    b = boxes.float()
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    removed, keep = set(), []
+    for pos, i in enumerate(order):
+        if i in removed:
+            continue
+        keep.append(i)
+        for j in order[pos + 1:]:
+            if idxs is not None and idxs[i] != idxs[j]:
+                continue
+            w = (torch.minimum(b[i, 2], b[j, 2]) - torch.maximum(b[i, 0], b[j, 0])).clamp_min(0)
+            h = (torch.minimum(b[i, 3], b[j, 3]) - torch.maximum(b[i, 1], b[j, 1])).clamp_min(0)
+            inter = w * h
+            if inter / (area[i] + area[j] - inter) > thr:
+                removed.add(j)
+    return torch.tensor(keep, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 257])
+@pytest.mark.parametrize("thr", [0.0, 0.3, 0.5, 0.7, 1.0])
+def test_nms_matches_torchvision(n, thr):
+    boxes, scores = clustered_boxes(n, seed=n)
+    ours = nms(boxes, scores, thr)
+    ref = torchvision.ops.nms(boxes, scores, thr)
+    assert ours.dtype == torch.int64
+    assert torch.equal(ours, ref)
+    if n > 64 and 0 < thr < 1:
+        assert len(ref) < n  # the clustered boxes do suppress each other
+
+
+def test_nms_two_thousand_boxes():
+    boxes, scores = clustered_boxes(2001, seed=7, n_clusters=150)
+    ref = torchvision.ops.nms(boxes, scores, 0.5)
+    assert torch.equal(nms(boxes, scores, 0.5), ref)
+    assert 150 <= len(ref) < 2001
+
+
+@pytest.mark.parametrize("n_classes", [1, 3, 80])
+@pytest.mark.parametrize("thr", [0.3, 0.7])
+def test_batched_nms_matches_torchvision(n_classes, thr):
+    boxes, scores = clustered_boxes(301, seed=n_classes)
+    idxs = torch.randint(0, n_classes, (301,), generator=torch.Generator().manual_seed(1))
+    ref = torchvision.ops.batched_nms(boxes, scores, idxs, thr)
+    assert torch.equal(batched_nms(boxes, scores, idxs, thr), ref)
+    assert len(ref) < 301
+
+
+def test_tied_scores_identical_and_zero_area_boxes():
+    boxes, _ = clustered_boxes(70, seed=3)
+    scores = torch.tensor([0.5, 0.9, 0.1, 0.9, 0.5] * 14)
+    boxes[10] = boxes[11]  # identical boxes
+    boxes[20, 2:] = boxes[20, :2]  # zero area
+    boxes[21] = boxes[20]
+    for thr in (0.0, 0.5, 1.0):
+        ours = nms(boxes, scores, thr)
+        assert torch.equal(ours, greedy_reference(boxes, scores, thr))
+        # torchvision agrees wherever its own (unstable) tie order happens to be stable
+        assert set(ours.tolist()) == set(torchvision.ops.nms(boxes, scores, thr).tolist())
+
+
+def test_fp16_and_bf16_boxes():
+    boxes, scores = clustered_boxes(129, seed=11)
+    for dtype in (torch.float16, torch.bfloat16):
+        b = boxes.to(dtype)
+        assert torch.equal(nms(b, scores, 0.5), torchvision.ops.nms(b.float(), scores, 0.5))
+
+
+def test_degenerate_nan_and_inf():
+    boxes, scores = clustered_boxes(40, seed=5)
+    boxes[3] = torch.tensor([50.0, 50.0, 40.0, 40.0])  # x2 < x1: IoU <= 0, as torchvision
+    boxes[4] = boxes[3]
+    ref = torchvision.ops.nms(boxes, scores, 0.5)
+    assert torch.equal(nms(boxes, scores, 0.5), ref)
+    bad = boxes.clone()
+    bad[0, 2] = float("nan")
+    bad[1, 0] = float("-inf")
+    bad[2, 3] = float("inf")
+    scores2 = scores.clone()
+    scores2[[0, 1, 2]] = 2.0  # highest scores: if they could suppress, they would
+    bad[[0, 1, 2]] = torch.where(torch.isfinite(bad[[0, 1, 2]]), boxes[5].expand(3, 4), bad[[0, 1, 2]])
+    kept = nms(bad, scores2, 0.3)
+    assert {0, 1, 2} <= set(kept.tolist())  # never suppressed
+    finite = torch.arange(3, 40)
+    ref = finite[torchvision.ops.nms(bad[3:], scores2[3:], 0.3)]
+    assert torch.equal(kept[3:], ref)  # and never suppress anything
+    nan_scores = scores.clone()
+    nan_scores[[7, 8]] = float("nan")
+    assert not {7, 8} & set(nms(boxes, nan_scores, 0.5).tolist())
+
+
+@pytest.mark.parametrize("with_classes", [False, True])
+def test_nms_padded_per_image_with_padding(with_classes):
+    g = torch.Generator().manual_seed(2)
+    per_image = [clustered_boxes(n, seed=n) for n in (150, 97, 33)]
+    B, N = 3, 150
+    boxes = torch.zeros(B, N, 4)
+    scores = torch.full((B, N), float("-inf"))  # -inf: padding
+    idxs = torch.randint(0, 4, (B, N), generator=g)
+    for b, (bx, sc) in enumerate(per_image):
+        boxes[b, :len(bx)], scores[b, :len(bx)] = bx, sc
+    keep, num = nms_padded(boxes, scores, 0.5, 40, idxs=idxs if with_classes else None)
+    assert keep.shape == (3, 40) and num.shape == (3,)
+    for b, (bx, sc) in enumerate(per_image):
+        n = len(bx)
+        ref = (torchvision.ops.batched_nms(bx, sc, idxs[b, :n], 0.5) if with_classes
+               else torchvision.ops.nms(bx, sc, 0.5))[:40]
+        assert int(num[b]) == len(ref)
+        assert torch.equal(keep[b, :len(ref)], ref)
+        assert (keep[b, len(ref):] == -1).all()
+    assert int(num[2]) < 40  # one image has fewer than max_output survivors: padding is exercised
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_nms_padded_makes_no_host_sync(backend):
+    boxes, scores = clustered_boxes(130, seed=9)
+    boxes, scores = boxes.reshape(2, 65, 4), scores.reshape(2, 65)
+    idxs = torch.randint(0, 3, (2, 65), generator=torch.Generator().manual_seed(0))
+    # the op's body, so that the counter also sees every op inside the custom op
+    impl = importlib.import_module("kernels.nms")._nms_padded._init_fn
+    with kernels.use_backend(backend), count_syncs() as counts:
+        nms_padded(boxes, scores, 0.5, 20, idxs=idxs)
+        impl(boxes, scores, idxs, 0.5, 20)
+    assert counts.ops > 5
+    assert counts.syncs == 0, counts.sync_sites
+
+
+def test_torch_backend_matches_torchvision():
+    boxes, scores = clustered_boxes(200, seed=4)
+    idxs = torch.randint(0, 5, (200,), generator=torch.Generator().manual_seed(4))
+    with kernels.use_backend("torch"):
+        assert torch.equal(nms(boxes, scores, 0.5), torchvision.ops.nms(boxes, scores, 0.5))
+        assert torch.equal(batched_nms(boxes, scores, idxs, 0.5), torchvision.ops.batched_nms(boxes, scores, idxs, 0.5))
+        keep, num = nms_padded(boxes[None], scores[None], 0.5, 10)
+        assert torch.equal(keep[0], torchvision.ops.nms(boxes, scores, 0.5)[:10])
+
+
+def test_bad_inputs():
+    boxes, scores = clustered_boxes(10)
+    with pytest.raises(ValueError, match="last dimension 4"):
+        nms(boxes[:, :3], scores, 0.5)
+    with pytest.raises(ValueError, match="entries"):
+        nms(boxes, scores[:9], 0.5)
+    with pytest.raises(ValueError, match="one device"):
+        nms(boxes, scores.to("meta"), 0.5)
+    with pytest.raises(ValueError, match="max_output"):
+        nms_padded(boxes[None], scores[None], 0.5, 0)
+    with pytest.raises(ValueError, match=r"\[B,N\]"):
+        nms_padded(boxes[None], scores[None, :5], 0.5, 3)
+    with pytest.raises(TypeError, match="integer"):
+        batched_nms(boxes, scores, scores, 0.5)
+    empty_keep, empty_num = nms_padded(torch.zeros(2, 0, 4), torch.zeros(2, 0), 0.5, 4)
+    assert (empty_keep == -1).all() and (empty_num == 0).all()
+
+
+def test_opcheck_and_compile():
+    boxes, scores = clustered_boxes(70, seed=1)
+    idxs = torch.randint(0, 3, (1, 70))
+    torch.library.opcheck(torch.ops.maskrcnn_fast.nms_padded.default, (boxes[None], scores[None], idxs, 0.5, 10))
+    fn = torch.compile(lambda b, s: nms_padded(b, s, 0.5, 10), fullgraph=True, backend="aot_eager")
+    keep, num = fn(boxes[None], scores[None])
+    assert torch.equal(keep[0, :int(num[0])], torchvision.ops.nms(boxes, scores, 0.5)[:10])
+
+
+@pytest.mark.gpu
+def test_cuda_post_processing_shape():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    c = torch.rand(8, 1000, 2, device="cuda", generator=g) * 800
+    boxes = torch.cat([c, c + 50 * torch.rand(8, 1000, 2, device="cuda", generator=g) + 1], -1)
+    scores = torch.rand(8, 1000, device="cuda", generator=g)
+    idxs = torch.randint(0, 80, (8, 1000), device="cuda", generator=g)
+    keep, num = nms_padded(boxes, scores, 0.5, 100, idxs=idxs)
+    for b in range(8):
+        ref = torchvision.ops.batched_nms(boxes[b], scores[b], idxs[b], 0.5)[:100]
+        assert torch.equal(keep[b, :int(num[b])], ref)
