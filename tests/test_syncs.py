@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from maskrcnn_fast import count_syncs
-from tests.test_model import TINY, make_batch, tiny_model
+from test_model import TINY, make_batch, tiny_model
 
 
 @pytest.mark.parametrize("name, fn", [
@@ -68,3 +68,16 @@ def test_training_step_has_zero_host_syncs():
     print(f"\nmaskrcnn_fast train step ({TINY['backbone_desc']}): {counts}")
     assert counts.syncs == 0, f"{counts}\n" + "\n".join(f"{w}: {s}" for w, s in counts.sync_sites)
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_inference_syncs_at_most_once():
+    """Inference may sync once, at the end, to cut the padded detections per image."""
+    model = tiny_model().eval()
+    images, _ = make_batch()
+    with torch.no_grad():
+        model(images)
+        with count_syncs() as counts:
+            out = model(images)
+    print(f"\nmaskrcnn_fast inference ({TINY['backbone_desc']}): {counts}")
+    assert counts.syncs <= 1, f"{counts}\n" + "\n".join(f"{w}: {s}" for w, s in counts.sync_sites)
+    assert len(out) == 2
