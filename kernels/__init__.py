@@ -15,3 +15,7 @@ from kernels.roi_pool import roi_pool  # noqa: E402
 __all__ += ["roi_align", "roi_pool", "multiscale_roi_align"]
 from kernels.nms import batched_nms, nms, nms_padded  # noqa: E402
 __all__ += ["nms", "batched_nms", "nms_padded"]
+from kernels.mask_loss import class_mask_logits, mask_predictor_loss, sigmoid_bce_mask_loss  # noqa: E402
+from kernels.mask_targets import mask_targets_from_gt, project_masks_on_boxes  # noqa: E402
+__all__ += ["sigmoid_bce_mask_loss", "mask_predictor_loss", "class_mask_logits", "project_masks_on_boxes",
+            "mask_targets_from_gt"]

@@ -36,7 +36,9 @@ def test_every_kernel_is_covered(compile_rows):
     _, rows = compile_rows
     compiled = {r["kernel"] for r in rows}
     # every op module's kernels appear; names listed here grow as ops land
-    for kernel in ("_roi_align_fwd_kernel", "_roi_align_bwd_kernel", "_roi_pool_fwd_kernel"):
+    for kernel in ("_roi_align_fwd_kernel", "_roi_align_bwd_kernel", "_roi_pool_fwd_kernel", "_roi_pool_bwd_kernel",
+                   "_nms_mask_kernel", "_nms_reduce_kernel", "_sigmoid_bce_fwd_kernel", "_sigmoid_bce_bwd_kernel",
+                   "_mask_predictor_fwd_kernel", "_mask_predictor_bwd_kernel"):
         assert kernel in compiled, f"{kernel} missing from compile specs"
     # compile_specs() lists every config whatever MASKRCNN_FAST_SINGLE_CONFIG says
     assert len(rows) == len(all_compile_specs()) * len(TARGET_CCS)

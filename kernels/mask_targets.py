@@ -1,0 +1,130 @@
+"""Mask targets: ground-truth masks cut out by each positive RoI's box and resized to M x M.
+
+Maths (torchvision ``roi_heads.project_masks_on_boxes``)
+    target[r] = RoIAlign(gt_masks[matched_idxs[r]], boxes[r], (M, M), spatial_scale=1,
+                         sampling_ratio=-1 (adaptive: ceil(box size / M) samples per bin), aligned=False)
+computed by ``kernels.roi_align`` (Triton forward; the targets need no gradient).
+
+Targets inside the loss kernel: ``mask_targets_from_gt(gt_masks, boxes, matched_idxs)`` returns a lazy
+description that ``sigmoid_bce_mask_loss`` / ``mask_predictor_loss`` accept in place of ``mask_targets``;
+their forward kernels then evaluate ``_projected_target`` (the same sampling rule and arithmetic as
+RoIAlign) for each target pixel, so the [R,M,M] targets and the float copy of the masks never exist.
+
+Bytes moved (G gt masks of H x W, R RoIs; 128 RoIs, 20 masks of 800x1216 in brackets)
+    gt_masks -> float32 copy: G*H*W*(1 + 4) [97 MB]  (uint8 masks; the copy is torchvision's too)
+    RoIAlign reads at most 4 * R*M*M*grid^2 texels through L2 (boxes ~100 px: grid 4, 6.4 MB) and
+    writes R*M*M*4 [0.4 MB].
+    in-kernel targets: the same texel reads straight from the uint8/bool masks (1 byte per texel),
+    no float copy, no [R,M,M] write + re-read.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._backend import FLOAT_DTYPES, assert_in_range, check_same_device, check_tensor
+from kernels._roi_common import MAX_GRID
+from kernels.roi_align import _bilinear, roi_align
+
+_MAX_GRID = tl.constexpr(MAX_GRID)
+
+
+@triton.jit
+def _projected_target(gt_ptr, boxes_ptr, idx_ptr, r, p, pm, M, G, H, W, s_n, s_h, s_w):
+    """RoIAlign (scale 1, aligned=False, adaptive grid) of mask idx[r] over box r at pixels p, fp32."""
+    x1 = tl.load(boxes_ptr + r * 4)
+    y1 = tl.load(boxes_ptr + r * 4 + 1)
+    x2 = tl.load(boxes_ptr + r * 4 + 2)
+    y2 = tl.load(boxes_ptr + r * 4 + 3)
+    n = tl.minimum(tl.maximum(tl.load(idx_ptr + r), 0), G - 1).to(tl.int64)  # in bounds for any index
+    roi_w = tl.maximum(x2 - x1, 1.0)
+    roi_h = tl.maximum(y2 - y1, 1.0)
+    bin_h = roi_h / M
+    bin_w = roi_w / M
+    gh = tl.where(roi_h == roi_h, tl.ceil(roi_h / M), 0.0)
+    gw = tl.where(roi_w == roi_w, tl.ceil(roi_w / M), 0.0)
+    grid_h = tl.minimum(tl.maximum(gh, 0.0), _MAX_GRID).to(tl.int32)
+    grid_w = tl.minimum(tl.maximum(gw, 0.0), _MAX_GRID).to(tl.int32)
+    count = tl.maximum(grid_h * grid_w, 1).to(tl.float32)
+    ph = (p // M).to(tl.float32)
+    pw = (p % M).to(tl.float32)
+    base = gt_ptr + n * s_n
+    acc = tl.zeros(ph.shape, dtype=tl.float32)
+    for s in range(0, grid_h * grid_w):
+        iy = s // grid_w
+        ix = s - iy * grid_w
+        y = y1 + ph * bin_h + (iy + 0.5) * bin_h / grid_h
+        x = x1 + pw * bin_w + (ix + 0.5) * bin_w / grid_w
+        valid, y_lo, x_lo, y_hi, x_hi, w1, w2, w3, w4 = _bilinear(y, x, H, W)
+        m = pm & valid
+        r_lo = y_lo.to(tl.int64) * s_h
+        r_hi = y_hi.to(tl.int64) * s_h
+        c_lo = x_lo.to(tl.int64) * s_w
+        c_hi = x_hi.to(tl.int64) * s_w
+        v1 = tl.load(base + r_lo + c_lo, mask=m, other=0).to(tl.float32)
+        v2 = tl.load(base + r_lo + c_hi, mask=m, other=0).to(tl.float32)
+        v3 = tl.load(base + r_hi + c_lo, mask=m, other=0).to(tl.float32)
+        v4 = tl.load(base + r_hi + c_hi, mask=m, other=0).to(tl.float32)
+        acc += w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4
+    return acc / count
+
+
+class GtMaskTargets(NamedTuple):
+    """Mask targets described by the ground truth, evaluated inside the loss kernel."""
+    gt_masks: torch.Tensor      # [G, H, W] uint8, bool or float32
+    boxes: torch.Tensor         # [R, 4] float32
+    matched_idxs: torch.Tensor  # [R] int64
+
+    def materialize(self, M: int) -> torch.Tensor:
+        return project_masks_on_boxes(self.gt_masks, self.boxes, self.matched_idxs, M)
+
+
+def mask_targets_from_gt(gt_masks: torch.Tensor, boxes: torch.Tensor, matched_idxs: torch.Tensor,
+                         check_values: bool = True) -> GtMaskTargets:
+    """Pass the result as ``mask_targets`` to the mask losses: they then compute
+    ``project_masks_on_boxes(gt_masks, boxes, matched_idxs, M)`` per pixel inside their kernel.
+    Checks shapes at once and the index range / mask values (in [0, 1]) without a host sync."""
+    _check(gt_masks, boxes, matched_idxs, "mask_targets_from_gt")
+    if boxes.shape[0] > 0 and 0 in gt_masks.shape:
+        raise ValueError(f"mask_targets_from_gt: {boxes.shape[0]} boxes but gt_masks has shape "
+                         f"{tuple(gt_masks.shape)}")
+    if gt_masks.dtype == torch.bool:
+        gt_masks = gt_masks.view(torch.uint8)  # same bytes, no copy
+    elif gt_masks.dtype not in (torch.uint8, torch.float32):
+        gt_masks = gt_masks.float()  # rare: the copy torchvision makes for every dtype
+    assert_in_range(matched_idxs, 0, gt_masks.shape[0],
+                    f"mask_targets_from_gt: matched_idxs must be in [0, {gt_masks.shape[0]})")
+    if check_values and gt_masks.numel():
+        ok = (gt_masks <= 1).all() if gt_masks.dtype == torch.uint8 else ((gt_masks >= 0) & (gt_masks <= 1)).all()
+        if gt_masks.device.type != "cpu" or torch.compiler.is_compiling():
+            torch._assert_async(ok, "mask_targets_from_gt: gt_masks must be in [0, 1]")
+        elif not bool(ok):
+            raise ValueError("mask_targets_from_gt: gt_masks must be in [0, 1]")
+    return GtMaskTargets(gt_masks, boxes.float().contiguous(), matched_idxs.long().contiguous())
+
+
+def _check(gt_masks, boxes, matched_idxs, op="project_masks_on_boxes"):
+    check_tensor(gt_masks, f"{op}: gt_masks", ndim=3)
+    check_tensor(boxes, f"{op}: boxes", ndim=2, last_dim=4, dtypes=FLOAT_DTYPES + (torch.float64,))
+    check_tensor(matched_idxs, f"{op}: matched_idxs", ndim=1, dtypes=(torch.int64, torch.int32, torch.int16,
+                                                                       torch.uint8))
+    if matched_idxs.shape[0] != boxes.shape[0]:
+        raise ValueError(f"{op}: {boxes.shape[0]} boxes but matched_idxs has shape {tuple(matched_idxs.shape)}")
+    check_same_device(gt_masks=gt_masks, boxes=boxes, matched_idxs=matched_idxs)
+
+
+def project_masks_on_boxes(gt_masks: torch.Tensor, boxes: torch.Tensor, matched_idxs: torch.Tensor,
+                           M: int) -> torch.Tensor:
+    """``[R, M, M]`` targets in ``boxes.dtype``; same arguments and result as torchvision's
+    ``roi_heads.project_masks_on_boxes`` (``gt_masks`` ``[G,H,W]`` any dtype, ``boxes`` ``[R,4]``
+    float, ``matched_idxs`` ``[R]`` integer in ``[0, G)``; a bad index raises without a host sync)."""
+    _check(gt_masks, boxes, matched_idxs)
+    if not isinstance(M, int) or M <= 0:
+        raise ValueError(f"project_masks_on_boxes: M must be a positive int, got {M!r}")
+    dtype = torch.float32 if boxes.dtype == torch.float64 else boxes.dtype
+    rois = torch.cat([matched_idxs.to(dtype)[:, None], boxes.to(dtype)], dim=1)
+    # roi_align checks the matched index (its batch index) against G, asynchronously on CUDA
+    return roi_align(gt_masks[:, None].to(dtype), rois, (M, M), 1.0)[:, 0].to(boxes.dtype)

@@ -1,0 +1,353 @@
+"""Sigmoid-BCE mask loss and the fused mask predictor + loss against float64 torch formulas
+(F.binary_cross_entropy_with_logits on the gathered channel; conv2d for the predictor)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import class_mask_logits, mask_predictor_loss, sigmoid_bce_mask_loss
+
+# gradient tolerance, relative to the largest reference gradient element (loss: fp32 rounding only)
+GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}
+
+
+def backend(name):
+    return kernels.use_backend(name)
+
+
+def make_inputs(R, K, M, dtype=torch.float32, seed=0, soft=True):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(R, K, M, M, generator=g) * 3).to(dtype)
+    labels = torch.randint(0, K, (R,), generator=g)
+    targets = torch.rand(R, M, M, generator=g) if soft else (torch.rand(R, M, M, generator=g) > 0.5).float()
+    return logits, labels, targets
+
+
+def reference_loss(logits, labels, targets, roi_weight=None):
+    """float64 loss and dense logits gradient from torch's own BCE-with-logits."""
+    x = logits.detach().double().requires_grad_()
+    R = x.shape[0]
+    picked = x[torch.arange(R), labels]
+    if roi_weight is None:
+        loss = F.binary_cross_entropy_with_logits(picked, targets.double())
+    else:
+        per_roi = F.binary_cross_entropy_with_logits(picked, targets.double(), reduction="none").mean((1, 2))
+        w = roi_weight.double()
+        loss = (per_roi * w).sum() / w.sum().clamp(min=1)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+def check_grad(ours, ref, dtype):
+    assert ours.dtype == dtype and ours.shape == ref.shape
+    scale = ref.abs().max().clamp(min=1e-30)
+    torch.testing.assert_close(ours.double(), ref, atol=float(scale) * GRAD_TOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("R,K,M", [(5, 1, 7), (3, 3, 14), (3, 81, 28), (7, 81, 7), (1, 3, 28)])
+def test_loss_and_grad_match_reference(impl, R, K, M):
+    logits, labels, targets = make_inputs(R, K, M, seed=R * K + M)
+    x = logits.clone().requires_grad_()
+    with backend(impl):
+        loss = sigmoid_bce_mask_loss(x, labels, targets)
+        loss.backward()
+    ref_loss, ref_grad = reference_loss(logits, labels, targets)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-6, rtol=1e-6)
+    check_grad(x.grad, ref_grad, torch.float32)
+    # only the labelled channel carries gradient
+    other = torch.ones(R, K, dtype=torch.bool)
+    other[torch.arange(R), labels] = False
+    assert (x.grad[other] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("soft", [True, False])
+def test_half_precision_logits(dtype, soft):
+    logits, labels, targets = make_inputs(9, 3, 14, dtype=dtype, seed=3, soft=soft)
+    x = logits.clone().requires_grad_()
+    loss = sigmoid_bce_mask_loss(x, labels, targets.to(dtype))
+    loss.backward(torch.tensor(2.5))
+    # the reference sees the same rounded inputs: what is left is fp32 vs fp64 maths + grad rounding
+    ref_loss, ref_grad = reference_loss(logits, labels, targets.to(dtype))
+    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-5, rtol=1e-5)
+    check_grad(x.grad, 2.5 * ref_grad, dtype)
+
+
+def test_fp32_targets_with_half_logits_and_noncontiguous_logits():
+    base, labels, targets = make_inputs(5, 4, 7, dtype=torch.bfloat16, seed=4)
+    logits = base.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)  # K-major storage
+    assert not logits.is_contiguous()
+    x = logits.clone().requires_grad_()
+    loss = sigmoid_bce_mask_loss(x, labels, targets)
+    loss.backward()
+    ref_loss, ref_grad = reference_loss(logits, labels, targets)
+    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-5, rtol=1e-5)
+    check_grad(x.grad, ref_grad, torch.bfloat16)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_extreme_logits_do_not_overflow(impl):
+    R, K, M = 3, 2, 7
+    logits = torch.full((R, K, M, M), 1e4)
+    logits[:, :, ::2] = -1e4
+    labels = torch.tensor([0, 1, 1])
+    targets = torch.rand(R, M, M)
+    targets[0] = 0.0
+    targets[1] = 1.0
+    x = logits.clone().requires_grad_()
+    with backend(impl):
+        loss = sigmoid_bce_mask_loss(x, labels, targets)
+        loss.backward()
+    ref_loss, ref_grad = reference_loss(logits, labels, targets)
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-6, rtol=1e-6)
+    check_grad(x.grad, ref_grad, torch.float32)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_roi_weight_is_mean_over_weighted_rois(impl):
+    logits, labels, targets = make_inputs(7, 3, 7, seed=5)
+    weight = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0])
+    x = logits.clone().requires_grad_()
+    with backend(impl):
+        loss = sigmoid_bce_mask_loss(x, labels, targets, roi_weight=weight)
+        loss.backward()
+    ref_loss, ref_grad = reference_loss(logits, labels, targets, weight)
+    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-6, rtol=1e-6)
+    check_grad(x.grad, ref_grad, torch.float32)
+    x.grad = None
+    with backend(impl):
+        zero = sigmoid_bce_mask_loss(x, labels, targets, roi_weight=torch.zeros(7))
+        zero.backward()
+    assert zero.item() == 0 and (x.grad == 0).all()
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_empty_rois(impl):
+    x = torch.randn(0, 81, 28, 28, requires_grad=True)
+    with backend(impl):
+        loss = sigmoid_bce_mask_loss(x, torch.zeros(0, dtype=torch.int64), torch.zeros(0, 28, 28))
+        loss.backward()
+    assert loss.item() == 0 and x.grad.shape == x.shape
+
+
+def test_no_grad_call_gives_the_same_loss():
+    logits, labels, targets = make_inputs(5, 3, 7, seed=6)
+    with torch.no_grad():
+        loss = sigmoid_bce_mask_loss(logits, labels, targets)
+    torch.testing.assert_close(loss.double(), reference_loss(logits, labels, targets)[0], atol=1e-6, rtol=1e-6)
+
+
+def test_bad_labels_raise_and_kernel_stays_in_bounds():
+    logits, labels, targets = make_inputs(4, 3, 7, seed=7)
+    for bad in (-1, 3, 2 ** 40):
+        with pytest.raises(ValueError, match="labels"):
+            sigmoid_bce_mask_loss(logits, torch.tensor([0, bad, 1, 2]), targets)
+    # the raw op (no checks) clamps: a bad label reads its nearest valid channel, never out of bounds
+    raw = torch.ops.maskrcnn_fast.sigmoid_bce_mask_loss(logits, torch.tensor([-5, 9, 1, 2 ** 40]), targets, None,
+                                                        None, None, False)[0]
+    ref = reference_loss(logits, torch.tensor([0, 2, 1, 2]), targets)[0]
+    torch.testing.assert_close(raw.double(), ref, atol=1e-6, rtol=1e-6)
+
+
+def test_bad_inputs_raise_clear_errors():
+    logits, labels, targets = make_inputs(4, 3, 7, seed=8)
+    with pytest.raises(TypeError, match="mask_targets"):
+        sigmoid_bce_mask_loss(logits, labels, targets.to(torch.uint8))
+    with pytest.raises(TypeError, match="labels"):
+        sigmoid_bce_mask_loss(logits, labels.float(), targets)
+    with pytest.raises(TypeError, match="mask_logits"):
+        sigmoid_bce_mask_loss(logits.double(), labels, targets)
+    with pytest.raises(ValueError, match="mask_targets"):
+        sigmoid_bce_mask_loss(logits, labels, targets[:3])  # R mismatch
+    with pytest.raises(ValueError, match="mask_targets"):
+        sigmoid_bce_mask_loss(logits, labels, targets[:, :6, :6])  # M mismatch
+    with pytest.raises(ValueError, match="labels"):
+        sigmoid_bce_mask_loss(logits, labels[:3], targets)
+    with pytest.raises(ValueError, match="M, M"):
+        sigmoid_bce_mask_loss(logits[..., :6], labels, targets)
+    with pytest.raises(ValueError, match="roi_weight"):
+        sigmoid_bce_mask_loss(logits, labels, targets, roi_weight=torch.ones(3))
+    with pytest.raises(ValueError, match="one device"):
+        sigmoid_bce_mask_loss(logits, labels, targets.to("meta"))
+    for bad in (1.5, -0.1, float("nan")):
+        t = targets.clone()
+        t[1, 2, 3] = bad
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            sigmoid_bce_mask_loss(logits, labels, t)
+    t = targets.clone()
+    t[0, 0, 0] = 2.0
+    assert torch.isfinite(sigmoid_bce_mask_loss(logits, labels, t, check_targets=False))
+
+
+def test_loss_is_bitwise_reproducible():
+    logits, labels, targets = make_inputs(7, 3, 14, seed=9)
+    runs = []
+    for _ in range(2):
+        x = logits.clone().requires_grad_()
+        loss = sigmoid_bce_mask_loss(x, labels, targets)
+        loss.backward()
+        runs.append((loss, x.grad))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+# ----------------------------------------------------------------------------------------------
+# fused predictor + loss
+# ----------------------------------------------------------------------------------------------
+def make_predictor(R, C, K, M, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(R, C, M, M, generator=g).relu().to(dtype)
+    weight = torch.randn(K, C, 1, 1, generator=g) * 0.5
+    bias = torch.randn(K, generator=g)
+    labels = torch.randint(0, K, (R,), generator=g)
+    targets = torch.rand(R, M, M, generator=g)
+    return features, weight, bias, labels, targets
+
+
+def reference_predictor(features, weight, bias, labels, targets, roi_weight=None):
+    f, w, b = (t.detach().double().requires_grad_() for t in (features, weight, bias))
+    logits = F.conv2d(f, w.view(w.shape[0], -1, 1, 1), b)
+    loss, _ = reference_loss(logits, labels, targets, roi_weight)  # value only
+    picked = logits[torch.arange(f.shape[0]), labels]
+    if roi_weight is None:
+        ref = F.binary_cross_entropy_with_logits(picked, targets.double())
+    else:
+        per_roi = F.binary_cross_entropy_with_logits(picked, targets.double(), reduction="none").mean((1, 2))
+        ref = (per_roi * roi_weight.double()).sum() / roi_weight.double().sum().clamp(min=1)
+    ref.backward()
+    return ref.detach(), f.grad, w.grad, b.grad
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("R,C,K,M,weight_2d", [(5, 7, 3, 7, False), (3, 33, 81, 14, True), (1, 5, 1, 28, False)])
+def test_fused_predictor_matches_conv_plus_loss(impl, R, C, K, M, weight_2d):
+    features, weight, bias, labels, targets = make_predictor(R, C, K, M, seed=R + C)
+    f = features.clone().requires_grad_()
+    w = (weight.view(K, C) if weight_2d else weight).clone().requires_grad_()
+    b = bias.clone().requires_grad_()
+    with backend(impl):
+        loss = mask_predictor_loss(f, w, b, labels, targets)
+        loss.backward()
+    ref_loss, ref_df, ref_dw, ref_db = reference_predictor(features, weight, bias, labels, targets)
+    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-5, rtol=1e-5)
+    check_grad(f.grad, ref_df, torch.float32)
+    check_grad(w.grad, ref_dw.view(w.shape), torch.float32)
+    check_grad(b.grad, ref_db, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_predictor_half_features_weighted(dtype):
+    features, weight, bias, labels, targets = make_predictor(7, 9, 3, 7, dtype=dtype, seed=11)
+    roi_weight = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    f = features.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    b = bias.clone().requires_grad_()
+    loss = mask_predictor_loss(f, w, b, labels, targets, roi_weight=roi_weight)
+    loss.backward()
+    ref_loss, ref_df, ref_dw, ref_db = reference_predictor(features, weight, bias, labels, targets, roi_weight)
+    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-5, rtol=1e-5)
+    check_grad(f.grad, ref_df, dtype)
+    # weight/bias grads accumulate in fp32 from exact products of half features: fp32-level error
+    torch.testing.assert_close(w.grad.double(), ref_dw, atol=1e-5 * float(ref_dw.abs().max()), rtol=0)
+    torch.testing.assert_close(b.grad.double(), ref_db, atol=1e-5 * float(ref_db.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_fused_predictor_empty_and_bad_inputs(impl):
+    f = torch.randn(0, 5, 7, 7, requires_grad=True)
+    w = torch.randn(3, 5, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    with backend(impl):
+        loss = mask_predictor_loss(f, w, b, torch.zeros(0, dtype=torch.int64), torch.zeros(0, 7, 7))
+        loss.backward()
+    assert loss.item() == 0 and (w.grad == 0).all() and (b.grad == 0).all() and f.grad.shape == f.shape
+    features, weight, bias, labels, targets = make_predictor(3, 5, 3, 7, seed=12)
+    with pytest.raises(ValueError, match="weight"):
+        mask_predictor_loss(features, weight[:, :4], bias, labels, targets)
+    with pytest.raises(ValueError, match="weight"):
+        mask_predictor_loss(features, torch.randn(3, 5, 3, 3), bias, labels, targets)
+    with pytest.raises(ValueError, match="bias"):
+        mask_predictor_loss(features, weight, bias[:2], labels, targets)
+    with pytest.raises(ValueError, match="labels"):
+        mask_predictor_loss(features, weight, bias, torch.tensor([0, 3, 1]), targets)
+    with pytest.raises(ValueError, match="mask_targets"):
+        mask_predictor_loss(features, weight, bias, labels, targets[:, 1:])
+    with pytest.raises(TypeError, match="mask_targets"):
+        mask_predictor_loss(features, weight, bias, labels, targets.long())
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_class_mask_logits_match_conv(impl, dtype):
+    features, weight, bias, labels, _ = make_predictor(5, 13, 4, 7, dtype=dtype, seed=13)
+    with backend(impl):
+        ours = class_mask_logits(features, weight, bias, labels)
+    ref = F.conv2d(features.double(), weight.double(), bias.double())[torch.arange(5), labels]
+    assert ours.dtype == dtype and ours.shape == (5, 7, 7)
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    torch.testing.assert_close(ours.double(), ref, atol=tol * float(ref.abs().max()), rtol=0)
+
+
+def test_opcheck():
+    logits, labels, targets = make_inputs(3, 2, 7, seed=14)
+    features, weight, bias, plabels, ptargets = make_predictor(3, 5, 2, 7, seed=15)
+    w2 = weight.view(2, 5)
+    roi_weight = torch.tensor([1.0, 0.0, 1.0])
+    ops = torch.ops.maskrcnn_fast
+    cases = [
+        (ops.sigmoid_bce_mask_loss.default, (logits.requires_grad_(), labels, targets, None, None, None, True)),
+        (ops.sigmoid_bce_mask_loss.default, (logits, labels, targets, None, None, roi_weight, True)),
+        (ops.mask_predictor_loss.default, (features.requires_grad_(), w2.clone().requires_grad_(),
+                                           bias.requires_grad_(), plabels, ptargets, None, None, None, True)),
+        (ops.class_mask_logits.default, (features.detach(), w2, bias.detach(), plabels)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    logits, labels, targets = make_inputs(5, 3, 7, seed=16)
+    features, weight, bias, _, _ = make_predictor(5, 6, 3, 7, seed=17)
+    leaves = [t.clone().requires_grad_() for t in (logits, features, weight, bias)]
+
+    def both(x, f, w, b):
+        return sigmoid_bce_mask_loss(x, labels, targets) + mask_predictor_loss(f, w, b, labels, targets)
+
+    results = []
+    for fn in (both, torch.compile(both, fullgraph=True, backend="aot_eager")):
+        for t in leaves:
+            t.grad = None
+        loss = fn(*leaves)
+        loss.backward()
+        results.append([loss.detach()] + [t.grad.clone() for t in leaves])
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("config_index", range(4))
+def test_every_launch_config(monkeypatch, config_index):
+    """Each tuned config (some split an RoI's 784 pixels over several programs) gives the same result."""
+    from kernels import _config, mask_loss
+
+    def pick(op, bucket, configs):
+        return configs[config_index % len(configs)]
+
+    monkeypatch.setattr(_config, "pick", pick)
+    monkeypatch.setattr(mask_loss, "get_configs", lambda kind="loss": list(
+        mask_loss._LOSS_CONFIGS if kind == "loss" else mask_loss._PREDICTOR_CONFIGS))
+    logits, labels, targets = make_inputs(3, 2, 28, seed=18)
+    labels = torch.stack([labels, labels], 1).reshape(-1)[::2]  # non-contiguous labels
+    x = logits.clone().requires_grad_()
+    sigmoid_bce_mask_loss(x, labels, targets).backward()
+    ref_loss, ref_grad = reference_loss(logits, labels, targets)
+    check_grad(x.grad, ref_grad, torch.float32)
+    features, weight, bias, plabels, ptargets = make_predictor(3, 37, 2, 28, seed=19)
+    f, w, b = (t.clone().requires_grad_() for t in (features, weight, bias))
+    loss = mask_predictor_loss(f, w, b, plabels, ptargets)
+    loss.backward()
+    ref = reference_predictor(features, weight, bias, plabels, ptargets)
+    torch.testing.assert_close(loss.double(), ref[0], atol=1e-5, rtol=1e-5)
+    for ours, theirs in zip((f.grad, w.grad, b.grad), ref[1:]):
+        check_grad(ours, theirs.view(ours.shape), torch.float32)

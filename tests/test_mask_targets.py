@@ -1,0 +1,135 @@
+"""Mask-target projection against torchvision's roi_heads.project_masks_on_boxes, materialized and
+inside the loss kernels (mask_targets_from_gt)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.models.detection.roi_heads import project_masks_on_boxes as tv_project
+
+import kernels
+from kernels import mask_targets_from_gt, project_masks_on_boxes
+
+
+def make_case(R, G, H, W, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    masks = (torch.rand(G, H, W, generator=g) > 0.5).to(torch.uint8)
+    xy = torch.rand(R, 2, generator=g) * torch.tensor([W, H]) * 1.2 - 0.1 * torch.tensor([W, H])
+    wh = torch.rand(R, 2, generator=g) * torch.tensor([W, H]) * 0.7 + 0.3
+    boxes = torch.cat([xy, xy + wh], 1)
+    boxes[0] = torch.tensor([3.0, 2.0, 3.2, 2.1])  # smaller than a pixel
+    matched = torch.randint(0, G, (R,), generator=g)
+    return masks, boxes, matched
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("R,G,H,W,M", [(7, 3, 33, 21, 7), (5, 2, 13, 45, 14), (3, 1, 61, 29, 28)])
+def test_matches_torchvision(impl, R, G, H, W, M):
+    masks, boxes, matched = make_case(R, G, H, W, seed=R + M)
+    with kernels.use_backend(impl):
+        ours = project_masks_on_boxes(masks, boxes, matched, M)
+    ref = tv_project(masks, boxes, matched, M)
+    assert ours.shape == (R, M, M) and ours.dtype == ref.dtype
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
+    assert ((ref > 0) & (ref < 1)).any()  # soft values: real bilinear sampling was compared
+
+
+def test_float_masks_and_empty():
+    masks, boxes, matched = make_case(5, 2, 17, 19, seed=3)
+    torch.testing.assert_close(project_masks_on_boxes(masks.float(), boxes, matched, 7),
+                               tv_project(masks.float(), boxes, matched, 7), atol=1e-6, rtol=1e-6)
+    empty = project_masks_on_boxes(masks, boxes[:0], matched[:0], 7)
+    assert empty.shape == (0, 7, 7)
+
+
+def test_bad_inputs():
+    masks, boxes, matched = make_case(4, 2, 9, 9, seed=4)
+    with pytest.raises(ValueError, match="batch index|matched"):
+        project_masks_on_boxes(masks, boxes, torch.tensor([0, 1, 2, 0]), 7)
+    with pytest.raises(ValueError, match="matched_idxs"):
+        project_masks_on_boxes(masks, boxes, matched[:3], 7)
+    with pytest.raises(ValueError, match="boxes"):
+        project_masks_on_boxes(masks, boxes[:, :3], matched, 7)
+    with pytest.raises(ValueError, match="gt_masks"):
+        project_masks_on_boxes(masks[0], boxes, matched, 7)
+    with pytest.raises(TypeError, match="matched_idxs"):
+        project_masks_on_boxes(masks, boxes, matched.float(), 7)
+    with pytest.raises(ValueError, match="M"):
+        project_masks_on_boxes(masks, boxes, matched, 0)
+    with pytest.raises(ValueError, match="one device"):
+        project_masks_on_boxes(masks, boxes.to("meta"), matched, 7)
+
+
+# ----------------------------------------------------------------------------------------------
+# targets projected inside the loss kernels (mask_targets_from_gt)
+# ----------------------------------------------------------------------------------------------
+def reference_bce(logits, labels, targets):
+    x = logits.detach().double().requires_grad_()
+    loss = F.binary_cross_entropy_with_logits(x[torch.arange(x.shape[0]), labels], targets.double())
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("mask_dtype", [torch.uint8, torch.bool, torch.float32])
+@pytest.mark.parametrize("R,G,H,W,M,K", [(7, 3, 33, 21, 7, 3), (3, 2, 61, 29, 14, 1)])
+def test_loss_with_targets_from_gt_matches_projected_targets(impl, mask_dtype, R, G, H, W, M, K):
+    masks, boxes, matched = make_case(R, G, H, W, seed=R + M + K)
+    masks = masks.to(mask_dtype)
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(R, K, M, M, generator=g) * 3
+    labels = torch.randint(0, K, (R,), generator=g)
+    x = logits.clone().requires_grad_()
+    with kernels.use_backend(impl):
+        loss = kernels.sigmoid_bce_mask_loss(x, labels, mask_targets_from_gt(masks, boxes, matched))
+        loss.backward()
+    ref_loss, ref_grad = reference_bce(logits, labels, tv_project(masks, boxes, matched, M))
+    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(x.grad.double(), ref_grad, atol=1e-5 * float(ref_grad.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_fused_predictor_with_targets_from_gt(impl):
+    masks, boxes, matched = make_case(5, 2, 23, 31, seed=7)
+    g = torch.Generator().manual_seed(2)
+    f = torch.randn(5, 6, 7, 7, generator=g).requires_grad_()
+    w = torch.randn(3, 6, generator=g).requires_grad_()
+    b = torch.randn(3, generator=g).requires_grad_()
+    labels = torch.randint(0, 3, (5,), generator=g)
+    with kernels.use_backend(impl):
+        loss = kernels.mask_predictor_loss(f, w, b, labels, mask_targets_from_gt(masks, boxes, matched))
+        loss.backward()
+    fr, wr, br = (t.detach().double().requires_grad_() for t in (f, w, b))
+    logits = F.conv2d(fr, wr[:, :, None, None], br)[torch.arange(5), labels]
+    ref = F.binary_cross_entropy_with_logits(logits, tv_project(masks, boxes, matched, 7).double())
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), atol=1e-5, rtol=1e-5)
+    for ours, theirs in ((f.grad, fr.grad), (w.grad, wr.grad), (b.grad, br.grad)):
+        torch.testing.assert_close(ours.double(), theirs, atol=1e-5 * float(theirs.abs().max()), rtol=0)
+
+
+def test_targets_from_gt_bad_inputs_and_bounds():
+    masks, boxes, matched = make_case(4, 2, 9, 9, seed=8)
+    logits = torch.randn(4, 2, 7, 7)
+    labels = torch.tensor([0, 1, 1, 0])
+    with pytest.raises(ValueError, match="matched_idxs"):
+        mask_targets_from_gt(masks, boxes, torch.tensor([0, 1, 2, 0]))
+    bad = masks.clone()
+    bad[0, 0, 0] = 2
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        mask_targets_from_gt(bad, boxes, matched)
+    with pytest.raises(ValueError, match="gt_masks"):
+        mask_targets_from_gt(masks[:0], boxes, torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="boxes"):
+        kernels.sigmoid_bce_mask_loss(logits[:3], labels[:3], mask_targets_from_gt(masks, boxes, matched))
+    # the raw op clamps a bad index to the nearest mask: never reads outside gt_masks
+    idx = torch.tensor([-3, 1, 7, 0])
+    raw = torch.ops.maskrcnn_fast.sigmoid_bce_mask_loss(logits, labels, masks, boxes, idx, None, False)[0]
+    ref, _ = reference_bce(logits, labels, tv_project(masks, boxes, idx.clamp(0, 1), 7))
+    torch.testing.assert_close(raw.double(), ref, atol=1e-6, rtol=1e-6)
+
+
+def test_opcheck_targets_from_gt():
+    masks, boxes, matched = make_case(3, 2, 11, 13, seed=9)
+    logits = torch.randn(3, 2, 7, 7, requires_grad=True)
+    t = mask_targets_from_gt(masks, boxes, matched)
+    torch.library.opcheck(torch.ops.maskrcnn_fast.sigmoid_bce_mask_loss.default,
+                          (logits, torch.tensor([0, 1, 1]), *t, None, True))
