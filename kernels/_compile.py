@@ -83,7 +83,8 @@ def _compile_row(job) -> dict:
     index, cc, with_resources = job
     spec = all_compile_specs()[index]
     row = {"name": spec.name, "kernel": spec.fn.__name__, "cc": cc, "num_warps": spec.num_warps,
-           "num_stages": spec.num_stages, "default": spec.default, "ok": False}
+           "num_stages": spec.num_stages, "default": spec.default, "ok": False,
+           "constexprs": {k: v for k, v in spec.constexprs.items() if isinstance(v, (bool, int, float, str))}}
     try:
         compiled = compile_for(spec, cc)
         row["ok"] = bool(compiled.asm.get("cubin"))

@@ -49,6 +49,7 @@ def load_tuned(gpu_name: str | None = None, config_dir: str | None = None) -> di
         return {}
     path = Path(config_dir or CONFIG_DIR) / f"{gpu_slug(gpu_name)}.json"
     if not path.exists():
+        warnings.warn(f"no tuned configs for {gpu_name} ({path.name}); using heuristic defaults", stacklevel=2)
         return {}
     try:
         data = json.loads(path.read_text())

@@ -1,0 +1,103 @@
+"""bench/ tooling: the report, the tuned-config loader, the compile report and the tuning loop."""
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from kernels import _config
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench import autotune, report  # noqa: E402
+
+FIXTURE = ROOT / "tests" / "fixtures" / "bench_h100.json"
+
+
+def test_report_table_speedup_and_roofline(tmp_path):
+    rows = {r["op"]: r for r in report.load_rows([FIXTURE])}
+    nms = rows["batched_nms"]
+    assert nms["speedup"] == pytest.approx(14.0)
+    assert nms["gbps"] == pytest.approx(3350.0)  # 335 MB in 100 us
+    assert nms["pct_peak"] == pytest.approx(100.0)  # H100 SXM: 3.35 TB/s
+    assert rows["roi_align"]["speedup"] is None  # no torchvision entry in that group
+    out, png = tmp_path / "r.md", tmp_path / "r.png"
+    assert report.main([str(FIXTURE), "--out", str(out), "--plot", str(png)]) == 0
+    text = out.read_text()
+    assert "| batched_nms | 10000 boxes x 80 classes | 100.0 µs | 1.40 ms | 14.00× | 3350.0 | 100.0% |" in text
+    assert png.stat().st_size > 1000
+    assert report.main([str(tmp_path / "missing.json")]) == 2
+
+
+def _load(tmp_path, gpu):
+    _config.load_tuned.cache_clear()
+    try:
+        return _config.load_tuned(gpu, str(tmp_path))
+    finally:
+        _config.load_tuned.cache_clear()
+
+
+def test_tuned_config_loader_falls_back_with_a_warning(tmp_path):
+    gpu = "NVIDIA H100 80GB HBM3"
+    with pytest.warns(UserWarning, match="no tuned configs"):
+        assert _load(tmp_path, gpu) == {}
+    path = tmp_path / f"{_config.gpu_slug(gpu)}.json"
+    path.write_text("{not json")
+    with pytest.warns(UserWarning, match="ignoring tuned configs"):
+        assert _load(tmp_path, gpu) == {}
+    path.write_text(json.dumps({"gpu": "NVIDIA A100-SXM4-80GB", "ops": {"nms": {"all": {"BLOCK_ROWS": 64}}}}))
+    with pytest.warns(UserWarning, match="not 'NVIDIA H100"):
+        assert _load(tmp_path, gpu) == {}
+    good = {"BLOCK_C": 64, "num_warps": 8, "num_stages": 1}
+    path.write_text(json.dumps({"gpu": gpu, "ops": {"roi_align_fwd": {"p64": good}}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _load(tmp_path, gpu) == {"roi_align_fwd": {"p64": good}}
+
+
+def test_pick_ignores_a_tuned_config_outside_the_list(monkeypatch):
+    configs = [{"BLOCK_C": 32, "num_warps": 4}, {"BLOCK_C": 64, "num_warps": 8}]
+    monkeypatch.setattr(_config, "single_config", lambda: False)
+    monkeypatch.setattr(_config, "load_tuned", lambda: {"op": {"b": {"BLOCK_C": 999}}, "op2": {"b": configs[1]}})
+    with pytest.warns(UserWarning, match="not in get_configs"):
+        assert _config.pick("op", "b", configs) == configs[0]
+    assert _config.pick("op2", "b", configs) == configs[1]
+    assert _config.pick("op3", "b", configs) == configs[0]
+
+
+def test_tuning_loop_picks_the_fastest_config_through_the_pick_hook():
+    configs = [{"BLOCK": 1}, {"BLOCK": 2}, {"BLOCK": 3}]
+    seen = []
+
+    def fn():
+        seen.append(_config.pick("toy", "b0", configs))
+    fake_ms = {1: 3.0, 2: 1.0, 3: 2.0}
+    original_pick = _config.pick
+
+    def timer(f):
+        f()
+        return fake_ms[seen[-1]["BLOCK"]]
+    best = autotune.tune([("toy", "b0", configs, fn), ("other", "b0", configs, fn)], op_filter="toy",
+                         timer=timer, log=lambda *a: None)
+    assert best == {"toy": {"b0": {"BLOCK": 2}}}
+    assert [c["BLOCK"] for c in seen] == [1, 2, 3]
+    assert _config.pick is original_pick  # the forcing hook is undone
+
+
+def test_compile_report_on_cpu(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compile_report.py"), "--filter",
+                           "roi_pool_fwd[float32", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())
+    assert {r["cc"] for r in rows} == {80, 90}
+    assert all(r["ok"] and r["regs"] > 0 for r in rows)
+    assert "regs" in proc.stdout and "0 failures" in proc.stdout
+
+
+def test_autotune_refuses_cpu():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "autotune.py")], capture_output=True, text=True,
+                          env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr
