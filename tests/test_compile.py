@@ -1,12 +1,13 @@
 """Offline compile check: every Triton kernel x config x mode compiles for sm_80 and sm_90.
 
-Runs in a subprocess because the interpreter (TRITON_INTERPRET=1, set by conftest on CPU)
-replaces @triton.jit functions, and those cannot be compiled.
+Runs bench/compile_report.py (which also fails on spills in used configs) in a subprocess, because
+the interpreter (TRITON_INTERPRET=1, set by conftest on CPU) replaces @triton.jit functions.
 """
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,9 +19,9 @@ def compile_rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("compile") / "rows.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.pop("MASKRCNN_FAST_SINGLE_CONFIG", None)  # every config, not the CI default only
-    proc = subprocess.run([sys.executable, "-c", "from kernels._compile import main; raise SystemExit(main())",
-                           "--json", str(out), "--no-resources"],
-                          env=env, capture_output=True, text=True, timeout=1200)
+    report = Path(__file__).resolve().parents[1] / "bench" / "compile_report.py"
+    proc = subprocess.run([sys.executable, str(report), "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=1500)
     return proc, json.loads(out.read_text()) if out.exists() else []
 
 
@@ -29,6 +30,7 @@ def test_all_kernels_compile_for_sm80_and_sm90(compile_rows):
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     failed = [r for r in rows if not r["ok"]]
     assert not failed, failed
+    assert all(r["regs"] > 0 for r in rows)  # resource usage was read off every cubin
     assert {r["cc"] for r in rows} == set(TARGET_CCS)
 
 
