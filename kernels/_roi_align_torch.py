@@ -1,7 +1,8 @@
 """PyTorch implementation of (multi-level) RoIAlign: the CPU backend when Triton's interpreter is off.
 
-All levels gather from one flat ``[N * sum(H*W), C]`` table, so there is no loop over levels; the
-backward scatters with ``index_add_`` through the same sampling plan.
+All levels live in one flat ``[N * sum(H*W), C]`` table and the bilinear weights of every sample form
+one sparse matrix S, so the forward is ``S @ table`` and the backward ``S.T @ grad``: no loop over
+levels and no per-sample copy of C channels.
 """
 from __future__ import annotations
 
@@ -66,29 +67,43 @@ def _torch_sampling_plan(features, rois, levels, scales, ph, pw, sampling_ratio,
     return [(row0 + yy * Wi + xq, w * w_scale) for yy, xq, w in corners], total, G
 
 
-def _torch_roi_align(features, rois, levels, scales, ph, pw, sampling_ratio, aligned) -> torch.Tensor:
-    x = features[0]
-    N, C = x.shape[:2]
+def _interpolation_matrix(features, rois, levels, scales, ph, pw, sampling_ratio, aligned) -> torch.Tensor:
+    """Sparse ``[K*PH*PW, N*sum(HW)]`` matrix of bilinear weights (already divided by the sample count):
+    RoIAlign is ``S @ features`` and its backward ``S.T @ grad``, with no per-sample gather of C channels."""
+    N = features[0].shape[0]
     K = rois.shape[0]
     plan, total, G = _torch_sampling_plan(features, rois, levels, scales, ph, pw, sampling_ratio, aligned)
-    # one flat [N*sum(HW), C] table of all levels, so every RoI gathers from its own level at once
-    flat = torch.cat([f.permute(0, 2, 3, 1).reshape(N, -1, C) for f in features], 1).reshape(N * total, C)
-    out = x.new_zeros((K, ph, G, pw, G, C), dtype=torch.float32)
-    for idx, w in plan:
-        out += flat.index_select(0, idx.reshape(-1)).float().reshape(K, ph, G, pw, G, C) * w[..., None]
-    return out.sum(dim=(2, 4)).permute(0, 3, 1, 2).contiguous().to(x.dtype)
+    dev = rois.device
+    out_row = ((torch.arange(K, device=dev)[:, None, None, None, None] * ph
+                + torch.arange(ph, device=dev)[None, :, None, None, None]) * pw
+               + torch.arange(pw, device=dev)[None, None, None, :, None]).expand(K, ph, G, pw, G)
+    rows = out_row.reshape(-1).repeat(len(plan))
+    cols = torch.cat([idx.reshape(-1) for idx, _ in plan])
+    vals = torch.cat([w.reshape(-1) for _, w in plan]).float()
+    # indices are in range by construction (clamped coordinates and batch index)
+    return torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (K * ph * pw, N * total), check_invariants=False)
+
+
+def _flat(features) -> torch.Tensor:
+    """All levels as one ``[N*sum(HW), C]`` fp32 table (channels last), so RoIs of every level share one matmul."""
+    N, C = features[0].shape[:2]
+    return torch.cat([f.permute(0, 2, 3, 1).reshape(N, -1, C) for f in features], 1).reshape(-1, C).float()
+
+
+def _torch_roi_align(features, rois, levels, scales, ph, pw, sampling_ratio, aligned) -> torch.Tensor:
+    x = features[0]
+    K, C = rois.shape[0], x.shape[1]
+    S = _interpolation_matrix(features, rois, levels, scales, ph, pw, sampling_ratio, aligned)
+    out = torch.sparse.mm(S, _flat(features)).reshape(K, ph, pw, C)
+    return out.permute(0, 3, 1, 2).contiguous().to(x.dtype)
 
 
 def _torch_roi_align_bwd(grad, features, rois, levels, scales, ph, pw, sampling_ratio, aligned):
     x = features[0]
     N, C = x.shape[:2]
     K = rois.shape[0]
-    plan, total, G = _torch_sampling_plan(features, rois, levels, scales, ph, pw, sampling_ratio, aligned)
-    g = grad.float().permute(0, 2, 3, 1)[:, :, None, :, None, :]  # [K, PH, 1, PW, 1, C]
-    acc = x.new_zeros((N * total, C), dtype=torch.float32)
-    for idx, w in plan:
-        acc.index_add_(0, idx.reshape(-1), (g * w[..., None]).reshape(-1, C))
-    acc = acc.reshape(N, total, C)
+    S = _interpolation_matrix(features, rois, levels, scales, ph, pw, sampling_ratio, aligned)
+    acc = torch.sparse.mm(S.t(), grad.float().permute(0, 2, 3, 1).reshape(K * ph * pw, C)).reshape(N, -1, C)
     grads, start = [], 0
     for f in features:
         H, W = f.shape[2:]
