@@ -47,7 +47,7 @@ def markdown_table(rows: list[dict], base: TrainConfig) -> str:
             lines.append(row("", by_name[variant]))
     lines.append("")
     lines.append(f"Shapes val ({base.val_images} images, {base.image_size} px), {base.backbone}-FPN from scratch, "
-                 f"{base.iters} iterations x batch {base.batch_size} per run, lr {base.lr or 0.04}, seed {base.seed}; "
+                 f"{base.iters} iterations x batch {base.batch_size} per run, lr {base.lr or 0.02}, seed {base.seed}; "
                  "COCO AP (%) from pycocotools' COCOeval.")
     return "\n".join(lines) + "\n"
 

@@ -9,42 +9,31 @@ import math
 
 import torch
 
-import kernels
-
 # torchvision's cap on dw, dh, so exp() cannot overflow for a wild regression
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
 
 
 def box_area(boxes: torch.Tensor) -> torch.Tensor:
-    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    return (boxes[..., 2:] - boxes[..., :2]).prod(-1)
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """IoU of ``a[..., N, 4]`` against ``b[..., M, 4]`` -> ``[..., N, M]`` (torchvision's formula)."""
-    area_a, area_b = box_area(a), box_area(b)
-    lt = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])
-    rb = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    return inter / (area_a[..., :, None] + area_b[..., None, :] - inter)
+    a, b = a[..., :, None, :], b[..., None, :, :]
+    inter = (torch.minimum(a[..., 2:], b[..., 2:]) - torch.maximum(a[..., :2], b[..., :2])).clamp(min=0).prod(-1)
+    return inter / (box_area(a) + box_area(b) - inter)
 
 
 def clip_boxes(boxes: torch.Tensor, image_hw: torch.Tensor) -> torch.Tensor:
     """Clip ``boxes[B, ..., 4]`` to per-image sizes ``image_hw[B, 2]`` (height, width)."""
-    shape = (boxes.shape[0],) + (1,) * (boxes.dim() - 2)
-    h = image_hw[:, 0].view(shape).to(boxes.dtype)
-    w = image_hw[:, 1].view(shape).to(boxes.dtype)
-    zero = torch.zeros((), dtype=boxes.dtype, device=boxes.device)
-    x1 = torch.minimum(torch.maximum(boxes[..., 0], zero), w)
-    y1 = torch.minimum(torch.maximum(boxes[..., 1], zero), h)
-    x2 = torch.minimum(torch.maximum(boxes[..., 2], zero), w)
-    y2 = torch.minimum(torch.maximum(boxes[..., 3], zero), h)
-    return torch.stack([x1, y1, x2, y2], dim=-1)
+    limit = image_hw.flip(-1).repeat(1, 2).to(boxes.dtype)           # [B, 4]: w, h, w, h
+    limit = limit.view((boxes.shape[0],) + (1,) * (boxes.dim() - 2) + (4,))
+    return torch.minimum(boxes.clamp(min=0), limit)
 
 
 def is_big_enough(boxes: torch.Tensor, min_size: float) -> torch.Tensor:
     """torchvision's ``remove_small_boxes`` as a mask: both sides >= ``min_size``."""
-    return ((boxes[..., 2] - boxes[..., 0]) >= min_size) & ((boxes[..., 3] - boxes[..., 1]) >= min_size)
+    return ((boxes[..., 2:] - boxes[..., :2]) >= min_size).all(-1)
 
 
 def _centre_size(boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,15 +90,3 @@ def match(iou: torch.Tensor, valid_gt: torch.Tensor, fg_thresh: float, bg_thresh
         label = torch.where(is_best, 1, label)
     return matched, label
 
-
-def batched_nms_padded(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, max_output: int,
-                       idxs: torch.Tensor | None = None) -> torch.Tensor:
-    """``kernels.nms_padded`` with ``max_output`` allowed to exceed the candidate count.
-
-    Returns ``keep[B, max_output]``: indices of kept boxes by decreasing score, padded with -1.
-    """
-    n = scores.shape[1]
-    keep, _ = kernels.nms_padded(boxes, scores, iou_threshold, min(max_output, n), idxs=idxs)
-    if max_output > n:
-        keep = torch.nn.functional.pad(keep, (0, max_output - n), value=-1)
-    return keep

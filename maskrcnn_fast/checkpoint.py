@@ -11,8 +11,10 @@ fails with one clear line instead of a wall of ``state_dict`` key errors.
 from __future__ import annotations
 
 import os
+import random
 import tempfile
 
+import numpy as np
 import torch
 
 from maskrcnn_fast.errors import UserError
@@ -88,3 +90,19 @@ def load_model_state(model: torch.nn.Module, state: dict, path: str) -> None:
         first = str(e).strip().splitlines()
         detail = first[1].strip() if len(first) > 1 else first[0]
         raise UserError(f"checkpoint {path} does not fit this model: {detail[:200]}") from None
+
+
+# RNG states: stored per rank so that a resumed run draws the same random numbers
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -34,7 +34,7 @@ def _add_train_args(p):
     p.add_argument("--iters", type=int, default=None, help="training iterations (default 900 on shapes)")
     p.add_argument("--epochs", type=int, default=None, help="instead of --iters")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per iteration per process")
-    p.add_argument("--lr", type=float, default=None, help="base lr (default 0.04 on shapes, else 0.02 x batch / 16)")
+    p.add_argument("--lr", type=float, default=None, help="base lr (default 0.02 on shapes, else 0.02 x batch / 16)")
     p.add_argument("--schedule", default=d.schedule, choices=["cosine", "multistep"])
     p.add_argument("--warmup", type=int, default=d.warmup_iters, help="linear warm-up iterations")
     p.add_argument("--clip-grad", type=float, default=d.clip_grad, help="max gradient norm (0: off)")
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is intact (resume with --resume)", file=sys.stderr)
+        print("interrupted; checkpoints already written are intact (continue with --resume)", file=sys.stderr)
         return 130
 
 

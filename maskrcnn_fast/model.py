@@ -48,10 +48,11 @@ class MaskRCNN(nn.Module):
     def forward(self, images, targets: list[dict] | None = None):
         images = _as_image_list(images)
         if self.training:
-            _check_targets(images, targets, self.cfg.num_classes)
+            _check_targets(images, targets)
         batch, image_hw, gt = self.transform(images, targets if self.training else None)
         hw = _to_device(image_hw, batch.device)
         if self.training:
+            _check_target_values(gt, self.cfg.num_classes)
             return self.losses(batch, hw, gt)
         features = list(self.backbone(batch).values())
         proposals, valid, _ = self.rpn(features, hw, tuple(batch.shape[-2:]))
@@ -91,7 +92,7 @@ class MaskRCNN(nn.Module):
         ``boxes[B, G, 4]``, ``labels[B, G]``, ``masks[B, G, Hp, Wp]`` (uint8), ``valid[B, G]``.
         """
         cfg = self.cfg
-        resized, sizes, scales = [], [], []
+        resized, sizes = [], []
         for im in images:
             h, w = im.shape[-2:]
             scale = min(cfg.min_size / min(h, w), cfg.max_size / max(h, w))
@@ -100,7 +101,6 @@ class MaskRCNN(nn.Module):
                               align_corners=False)[0]
             resized.append(x)
             sizes.append(tuple(x.shape[-2:]))
-            scales.append((x.shape[-2] / h, x.shape[-1] / w))
         d = cfg.size_divisible
         hp = -(-max(s[0] for s in sizes) // d) * d
         wp = -(-max(s[1] for s in sizes) // d) * d
@@ -140,7 +140,7 @@ class MaskRCNN(nn.Module):
 def _to_device(values, device) -> torch.Tensor:
     """A small float32 tensor of host values, copied without waiting for the device."""
     t = torch.tensor(np.asarray(values, dtype=np.float32))
-    return t.to(device, non_blocking=True) if device.type == "cuda" else t
+    return t.to(device, non_blocking=device.type == "cuda")
 
 
 # ---------------------------------------------------------------------- input checks
@@ -166,7 +166,7 @@ def _as_image_list(images) -> list[torch.Tensor]:
     return list(images)
 
 
-def _check_targets(images, targets, num_classes: int) -> None:
+def _check_targets(images, targets) -> None:
     if targets is None:
         raise ValueError("targets are required in training mode (call model.eval() for inference)")
     if not isinstance(targets, (list, tuple)) or len(targets) != len(images):
@@ -186,12 +186,17 @@ def _check_targets(images, targets, num_classes: int) -> None:
         if masks.dim() != 3 or masks.shape[0] != g or tuple(masks.shape[-2:]) != tuple(im.shape[-2:]):
             raise ValueError(f"targets[{i}]['masks'] must be [{g}, {im.shape[-2]}, {im.shape[-1]}] "
                              f"(one mask per box, at the image's size), got {tuple(masks.shape)}")
-        if g:
-            # value checks without a host sync: async on CUDA, immediate RuntimeError on CPU
-            torch._assert_async(((labels >= 1) & (labels < num_classes)).all(),
-                                f"targets[{i}]['labels'] must be in [1, {num_classes - 1}] (num_classes={num_classes})")
-            torch._assert_async((boxes[:, 2:] > boxes[:, :2]).all(),
-                                f"targets[{i}]['boxes'] must have x2 > x1 and y2 > y1")
+
+
+def _check_target_values(gt: dict, num_classes: int) -> None:
+    """Value checks on the padded ground truth, for all images at once and without a host sync:
+    asynchronous on CUDA, an immediate RuntimeError on CPU. Runs before the backbone."""
+    invalid = ~gt["valid"]
+    labels_ok = ((gt["labels"] >= 1) & (gt["labels"] < num_classes)) | invalid
+    torch._assert_async(labels_ok.all(), f"targets[i]['labels'] must be in [1, {num_classes - 1}] "
+                                         f"(num_classes={num_classes}) for every image i")
+    boxes_ok = (gt["boxes"][..., 2:] > gt["boxes"][..., :2]).all(-1) | invalid
+    torch._assert_async(boxes_ok.all(), "targets[i]['boxes'] must have x2 > x1 and y2 > y1 for every image i")
 
 
 # ---------------------------------------------------------------------- factories

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+import kernels
 from maskrcnn_fast import box_ops
 
 DET_MIN_BOX_SIZE = 1e-2
@@ -39,7 +40,7 @@ def select_detections(class_logits: torch.Tensor, box_deltas: torch.Tensor, prop
     boxes = boxes.gather(1, top[..., None].expand(-1, -1, 4))
     labels = labels.gather(1, top)
 
-    keep = box_ops.batched_nms_padded(boxes, scores, cfg.box_nms_thresh, cfg.box_detections_per_img, idxs=labels)
+    keep, _ = kernels.nms_padded(boxes, scores, cfg.box_nms_thresh, cfg.box_detections_per_img, idxs=labels)
     valid = keep >= 0
     keep = keep.clamp(min=0)
     det_boxes = boxes.gather(1, keep[..., None].expand(-1, -1, 4))

@@ -104,6 +104,11 @@ class RoIHeads(nn.Module):
 
     def mask_probs(self, features, rois, labels) -> torch.Tensor:
         """Mask probabilities ``[K, M, M]`` of class ``labels[K]`` for each RoI."""
+        if self.mask_predictor is not None and self.cfg.mask_loss == "sigmoid":
+            # only the predicted class's plane of the 1x1 predictor is computed
+            logit_layer = self.mask_predictor.mask_fcn_logits
+            x = self.mask_features(features, rois)
+            return kernels.class_mask_logits(x, logit_layer.weight, logit_layer.bias, labels).float().sigmoid()
         logits = self.mask_logits(features, rois).float()
         if self.cfg.mask_loss == "softmax":
             probs = logits.softmax(dim=1)
@@ -155,46 +160,30 @@ class RoIHeads(nn.Module):
 
     def mask_loss(self, features, rois, classes, targets, weight) -> torch.Tensor:
         """Mean over real positive RoIs (``weight`` 1) of the per-RoI mean pixel loss."""
-        num_pos = weight.sum().clamp(min=1)
+        weight = weight.to(torch.float32)
         if self.cfg.fused_mask_loss:
-            x = self.mask_features(features, rois)
             logit_layer = self.mask_predictor.mask_fcn_logits
-            return fused_mask_predictor_loss(x, logit_layer.weight.flatten(1), logit_layer.bias,
-                                             classes, targets, weight, num_pos)
+            # targets are RoIAlign samples of {0,1} masks: in [0, 1] up to rounding, so unchecked
+            return kernels.mask_predictor_loss(self.mask_features(features, rois), logit_layer.weight,
+                                               logit_layer.bias, classes, targets, roi_weight=weight,
+                                               check_targets=False)
         logits = self.mask_logits(features, rois)
         if self.cfg.mask_loss == "softmax":
             # multinomial ablation: a pixel's class is the RoI's class inside the mask, else background
             pixel_class = torch.where(targets >= 0.5, classes.view(-1, 1, 1), 0)
             per_pixel = F.cross_entropy(logits.float(), pixel_class, reduction="none")
-            return (per_pixel.mean((1, 2)) * weight).sum() / num_pos
-        return sigmoid_mask_loss(logits, classes, targets, weight, num_pos)
-
-
-def sigmoid_mask_loss(logits, classes, targets, weight, num_pos) -> torch.Tensor:
-    m = logits.shape[-1]
-    picked = logits.gather(1, classes.view(-1, 1, 1, 1).expand(-1, 1, m, m))[:, 0]
-    bce = F.binary_cross_entropy_with_logits(picked.float(), targets, reduction="none")
-    return (bce.mean((1, 2)) * weight).sum() / num_pos
-
-
-def fused_mask_predictor_loss(features, weight_kc, bias, classes, targets, roi_weight, num_pos) -> torch.Tensor:
-    """The 1x1 predictor and the sigmoid loss, computed only for each RoI's own class."""
-    w = weight_kc[classes]                      # [R, C]
-    picked = torch.einsum("rchw,rc->rhw", features, w.to(features.dtype)) + bias[classes].view(-1, 1, 1)
-    bce = F.binary_cross_entropy_with_logits(picked.float(), targets, reduction="none")
-    return (bce.mean((1, 2)) * roi_weight).sum() / num_pos
+            return (per_pixel.mean((1, 2)) * weight).sum() / weight.sum().clamp(min=1)
+        return kernels.sigmoid_bce_mask_loss(logits, classes, targets, roi_weight=weight, check_targets=False)
 
 
 def project_masks(gt_masks: torch.Tensor, rois: torch.Tensor, gt_index: torch.Tensor, size: int) -> torch.Tensor:
     """Ground-truth masks ``gt_masks[B, G, H, W]`` cut out by RoI boxes and resized to ``size``:
-    ``[K, size, size]`` (torchvision's ``project_masks_on_boxes``: RoIAlign, adaptive sampling).
+    ``[K, size, size]`` (torchvision's ``project_masks_on_boxes``, all images at once).
 
     ``gt_index[K]`` is the flat index ``b * G + g`` of each RoI's matched ground truth.
     """
     b, g, h, w = gt_masks.shape
-    flat = gt_masks.view(b * g, 1, h, w).float()
-    mask_rois = torch.cat([gt_index.to(rois.dtype)[:, None], rois[:, 1:]], dim=1)
-    return kernels.roi_align(flat, mask_rois, size, 1.0, sampling_ratio=-1)[:, 0]
+    return kernels.project_masks_on_boxes(gt_masks.view(b * g, h, w), rois[:, 1:], gt_index, size)
 
 
 __all__ = ["RoIHeads", "MaskMLPHead", "roi_levels", "project_masks"]

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops.misc import Conv2dNormActivation
 
+import kernels
 from maskrcnn_fast import box_ops
 from maskrcnn_fast.config import MaskRCNNConfig
 
@@ -115,8 +116,8 @@ class RegionProposalNetwork(nn.Module):
         # top-k candidates per level, on detached scores: proposals are not differentiated through
         obj = logits.detach()
         top_idx, start = [], 0
-        for n in counts:
-            top_idx.append(obj[:, start:start + n].topk(min(pre_nms, n), dim=1).indices + start)
+        for level_obj, n in zip(obj.split(counts, dim=1), counts):
+            top_idx.append(level_obj.topk(min(pre_nms, n), dim=1).indices + start)
             start += n
         idx = torch.cat(top_idx, dim=1)
         b = logits.shape[0]
@@ -126,7 +127,7 @@ class RegionProposalNetwork(nn.Module):
         scores = torch.sigmoid(obj.gather(1, idx).float())
         keep_ok = box_ops.is_big_enough(boxes, RPN_MIN_BOX_SIZE) & (scores >= cfg.rpn_score_thresh)
         scores = torch.where(keep_ok, scores, float("-inf"))
-        keep = box_ops.batched_nms_padded(boxes, scores, cfg.rpn_nms_thresh, post_nms, idxs=levels[idx])
+        keep, _ = kernels.nms_padded(boxes, scores, cfg.rpn_nms_thresh, post_nms, idxs=levels[idx])
         proposals = boxes.gather(1, keep.clamp(min=0)[..., None].expand(-1, -1, 4))
         valid = keep >= 0
 

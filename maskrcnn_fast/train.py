@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from maskrcnn_fast import checkpoint
+from maskrcnn_fast.checkpoint import rng_state, set_rng_state
 from maskrcnn_fast.data import build_dataset, epoch_batches, make_loader
 from maskrcnn_fast.errors import NonFiniteLossError, UserError
 from maskrcnn_fast.evaluate import evaluate, format_metrics
@@ -49,7 +50,7 @@ def shapes_model_kwargs(image_size: int) -> dict:
                 anchor_sizes=tuple(int(round(a * s)) for a in (8, 16, 32, 64, 128)),
                 rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300,
                 rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=150,
-                rpn_batch_size_per_image=128, box_batch_size_per_image=128, box_detections_per_img=50)
+                rpn_batch_size_per_image=64, box_batch_size_per_image=64, box_detections_per_img=50)
 
 
 @dataclass
@@ -60,7 +61,7 @@ class TrainConfig:
     iters: int | None = None           # default: 900 (shapes demo) or epochs x batches per epoch
     epochs: int | None = None
     batch_size: int = 4
-    lr: float | None = None            # default: 0.04 on shapes, else 0.02 x images per step / 16 (Detectron's rule)
+    lr: float | None = None            # default: 0.02 on shapes, else 0.02 x images per step / 16 (Detectron's rule)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_iters: int = 50
@@ -139,21 +140,6 @@ def lr_factor(it: int, total: int, warmup: int, schedule: str) -> float:
     if schedule == "cosine":
         return warm * 0.5 * (1 + math.cos(math.pi * min(it, total) / max(1, total)))
     return warm * 0.1 ** sum(it >= int(total * f) for f in (2 / 3, 8 / 9))
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def check_out_dir(path: str) -> None:
@@ -247,7 +233,7 @@ def _train(cfg, device, ddp, stored, plot_curves, tqdm) -> dict:
     per_epoch = len(epoch_batches(train_ds, cfg.batch_size, 0, cfg.seed, ddp.rank, ddp.world))
     total = cfg.iters or (cfg.epochs * per_epoch if cfg.epochs else 900)
     shapes = cfg.data.startswith("shapes")
-    lr = cfg.lr or (0.04 if shapes else 0.02 * cfg.batch_size * ddp.world / 16)
+    lr = cfg.lr or (0.02 if shapes else 0.02 * cfg.batch_size * ddp.world / 16)
     amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
     amp_dtype = None
     if amp and device.type == "cuda":

@@ -179,3 +179,16 @@ def test_coins_sanity_set():
     for m, box in zip(t["masks"], t["boxes"]):
         assert box.tolist() == _tight_box(m)
     assert os.path.basename(ds.image_info(0)["file_name"]) == "coins.png"
+
+
+def test_undecodable_image_is_reported_skipped_and_counted(tmp_path, capsys):
+    from maskrcnn_fast.data import collate
+
+    anns = [{"id": 1, "image_id": 7, "category_id": 3, "bbox": [1, 1, 5, 5], "segmentation": [[1, 1, 6, 1, 6, 6]]}]
+    ann, img_dir = _write_small_coco(tmp_path, anns)
+    with open(os.path.join(img_dir, "a.png"), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n truncated")
+    ds = CocoDataset(ann, img_dir)
+    assert ds[0] is None and "cannot decode" in capsys.readouterr().err
+    images, targets, skipped = collate([ds[0], ds[1]])
+    assert len(images) == len(targets) == 1 and skipped == 1

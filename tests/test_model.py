@@ -10,14 +10,13 @@ TINY = dict(min_size=64, max_size=96, fpn_channels=32, representation_size=64, m
             mask_roi_size=7, rpn_pre_nms_top_n_train=60, rpn_post_nms_top_n_train=40,
             rpn_pre_nms_top_n_test=60, rpn_post_nms_top_n_test=40, rpn_batch_size_per_image=64,
             box_batch_size_per_image=32, box_detections_per_img=20, box_score_thresh=0.0)
-TINY["backbone_desc"] = "resnet18-FPN32, 2 images 64x80 and 72x64, 40 proposals, 32 sampled RoIs"
+TINY_DESC = "resnet18-FPN32, 2 images 64x80 and 72x64, 40 proposals, 32 sampled RoIs"
 NUM_CLASSES = 5
 LOSS_KEYS = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
 
 
 def tiny_model(**overrides):
-    kw = {k: v for k, v in TINY.items() if k != "backbone_desc"}
-    kw.update(overrides)
+    kw = {**TINY, **overrides}
     return maskrcnn_resnet18_fpn(num_classes=NUM_CLASSES, trainable_backbone_layers=5, **kw)
 
 
@@ -298,3 +297,33 @@ def test_folded_backbone_matches_frozen_bn():
         got = fold_frozen_bn(net)(x)
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], atol=1e-4, rtol=1e-4)
+
+
+def test_training_step_compiles_as_one_graph():
+    """``MaskRCNN.losses`` (backbone to losses, after the host-side transform) has no graph break,
+    so a fixed batch shape can be captured whole (CUDA graphs / mode="reduce-overhead" on a GPU)."""
+    torch.manual_seed(0)
+    model = tiny_model().train()
+    images, targets = make_batch()
+    batch, sizes, gt = model.transform(images, targets)
+    hw = torch.tensor(sizes, dtype=torch.float32)
+    step = torch.compile(model.losses, fullgraph=True, backend="aot_eager")
+    with kernels.use_backend("torch"):
+        losses = step(batch, hw, gt)
+        sum(losses.values()).backward()
+    assert set(losses) == LOSS_KEYS and all(torch.isfinite(v) for v in losses.values())
+    assert model.rpn.head.cls_logits.weight.grad is not None
+
+
+def test_channels_last_and_bf16_autocast():
+    torch.manual_seed(0)
+    model = tiny_model(channels_last=True).train()
+    images, targets = make_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(images, targets)
+    assert set(losses) == LOSS_KEYS and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images[:1])
+    assert out[0]["masks"].dtype == torch.float32 and out[0]["boxes"].dtype == torch.float32

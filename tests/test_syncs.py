@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from maskrcnn_fast import count_syncs
-from test_model import TINY, make_batch, tiny_model
+from test_model import TINY_DESC, make_batch, tiny_model
 
 
 @pytest.mark.parametrize("name, fn", [
@@ -65,7 +65,7 @@ def test_training_step_has_zero_host_syncs():
     with count_syncs() as counts:
         losses = model(images, targets)
         sum(losses.values()).backward()
-    print(f"\nmaskrcnn_fast train step ({TINY['backbone_desc']}): {counts}")
+    print(f"\nmaskrcnn_fast train step ({TINY_DESC}): {counts}")
     assert counts.syncs == 0, f"{counts}\n" + "\n".join(f"{w}: {s}" for w, s in counts.sync_sites)
     assert all(torch.isfinite(v) for v in losses.values())
 
@@ -78,6 +78,6 @@ def test_inference_syncs_at_most_once():
         model(images)
         with count_syncs() as counts:
             out = model(images)
-    print(f"\nmaskrcnn_fast inference ({TINY['backbone_desc']}): {counts}")
+    print(f"\nmaskrcnn_fast inference ({TINY_DESC}): {counts}")
     assert counts.syncs <= 1, f"{counts}\n" + "\n".join(f"{w}: {s}" for w, s in counts.sync_sites)
     assert len(out) == 2
