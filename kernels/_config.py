@@ -25,7 +25,8 @@ def single_config() -> bool:
 
 
 def collapse(configs: list[dict]) -> list[dict]:
-    """What ``get_configs()`` returns: all configs, or only the default under the CI switch."""
+    """What ``get_configs()`` returns: all configs, or only the first under the CI switch (ops with a
+    per-bucket heuristic default pass it to :func:`pick`, which then always returns it)."""
     return configs[:1] if single_config() else list(configs)
 
 
@@ -63,8 +64,9 @@ def load_tuned(gpu_name: str | None = None, config_dir: str | None = None) -> di
         return {}
 
 
-def pick(op: str, bucket: str, configs: list[dict]) -> dict:
-    """The tuned config for ``(op, bucket)`` if there is one that is still valid, else the default."""
+def pick(op: str, bucket: str, configs: list[dict], default: dict | None = None) -> dict:
+    """The tuned config for ``(op, bucket)`` if there is one that is still valid, else ``default``
+    (a per-bucket heuristic chosen by the op) or the list's first entry."""
     if not single_config():
         tuned = load_tuned().get(op, {}).get(bucket)
         if tuned is not None:
@@ -72,7 +74,7 @@ def pick(op: str, bucket: str, configs: list[dict]) -> dict:
                 return tuned
             warnings.warn(f"tuned config {tuned} for {op}/{bucket} is not in get_configs(); using default",
                           stacklevel=2)
-    return configs[0]
+    return default if default is not None else configs[0]
 
 
 def launch_kwargs(config: dict) -> tuple[dict, dict]:

@@ -229,15 +229,26 @@ def _roi_align_bwd_kernel(
 
 _CONFIGS = [
     {"BLOCK_C": 32, "num_warps": 4, "num_stages": 1},
-    {"BLOCK_C": 16, "num_warps": 2, "num_stages": 1},
-    {"BLOCK_C": 64, "num_warps": 4, "num_stages": 1},
+    {"BLOCK_C": 16, "num_warps": 4, "num_stages": 1},
+    {"BLOCK_C": 16, "num_warps": 8, "num_stages": 1},
+    {"BLOCK_C": 8, "num_warps": 8, "num_stages": 1},
+    {"BLOCK_C": 32, "num_warps": 8, "num_stages": 1},
     {"BLOCK_C": 64, "num_warps": 8, "num_stages": 1},
-    {"BLOCK_C": 128, "num_warps": 8, "num_stages": 1},
 ]
 
 
 def get_configs() -> list[dict]:
     return _config.collapse(_CONFIGS)
+
+
+def default_config(block_p: int, backward: bool) -> dict:
+    """Spill-free heuristic (checked by bench/compile_report.py): the forward holds up to 16 fp32 values
+    of the [P, C] tile per thread, the backward (four atomic address tiles live at once) 8."""
+    per_thread = 8 if backward else 16
+    for cfg in _CONFIGS:
+        if block_p * cfg["BLOCK_C"] <= per_thread * 32 * cfg["num_warps"]:
+            return cfg
+    return _CONFIGS[0]
 
 
 def _block_p(ph: int, pw: int) -> int:
@@ -264,7 +275,7 @@ def _launch_fwd(features, rois, levels, scales, ph, pw, sampling_ratio, aligned)
         return out
     meta = _level_meta(features, None)
     scales_t = torch.tensor(scales, dtype=torch.float32).to(x.device, non_blocking=True)
-    cfg = _config.pick("roi_align_fwd", f"p{_block_p(ph, pw)}", get_configs())
+    cfg = _config.pick("roi_align_fwd", f"p{_block_p(ph, pw)}", get_configs(), default_config(_block_p(ph, pw), False))
     block, opts = _config.launch_kwargs(cfg)
     ptrs = list(features) + [x] * (MAX_LEVELS - len(features))
     grid = (K, triton.cdiv(C, block["BLOCK_C"]))
@@ -287,7 +298,7 @@ def _launch_bwd(grad, features, rois, levels, scales, ph, pw, sampling_ratio, al
         meta = _level_meta(features, accs)
         scales_t = torch.tensor(scales, dtype=torch.float32).to(x.device, non_blocking=True)
         cfg = _config.pick("roi_align_bwd_det" if deterministic else "roi_align_bwd",
-                           f"p{_block_p(ph, pw)}", get_configs())
+                           f"p{_block_p(ph, pw)}", get_configs(), default_config(_block_p(ph, pw), True))
         block, opts = _config.launch_kwargs(cfg)
         ptrs = accs + [accs[0]] * (MAX_LEVELS - len(accs))
         grid = (K, triton.cdiv(C, block["BLOCK_C"]))
@@ -435,14 +446,16 @@ def _spec(dtype: str, cfg: dict, levels: int, aligned: bool, block_p: int, det: 
 
 
 def compile_specs() -> list[CompileSpec]:
-    """Each kernel with the default config in every dtype and level/alignment mode, and every
-    other config once (bf16, 5 levels, 14x14 bins)."""
+    """Every config for 7x7 and 14x14 bins (bf16, 5 levels, channels_last) in every mode; the dtype and
+    level/alignment variants with the default configs. ``default`` marks the configs the heuristic uses."""
     specs = []
-    for i, cfg in enumerate(_CONFIGS):
-        cases = ((("float32", 1, False, 64, False), ("float16", 5, False, 64, True),
-                  ("bfloat16", 5, True, 64, False)) if i == 0 else (("bfloat16", 5, False, 256, True),))
-        for dtype, levels, aligned, block_p, channels_last in cases:
+    for cfg in _CONFIGS:
+        for block_p in (64, 256):
             for det in (None, False, True):
-                specs.append(_spec(dtype, cfg, levels, aligned, block_p, det, default=i == 0,
-                                   channels_last=channels_last))
+                used = cfg == default_config(block_p, det is not None)
+                specs.append(_spec("bfloat16", cfg, 5, False, block_p, det, default=used, channels_last=True))
+    for dtype, levels, aligned, channels_last in (("float32", 1, False, False), ("float16", 5, True, False)):
+        for det in (None, False, True):
+            specs.append(_spec(dtype, default_config(64, det is not None), levels, aligned, 64, det, default=True,
+                               channels_last=channels_last))
     return specs

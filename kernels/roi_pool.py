@@ -124,13 +124,19 @@ def _roi_pool_bwd_kernel(
 
 _CONFIGS = [
     {"BLOCK_C": 32, "num_warps": 4, "num_stages": 1},
-    {"BLOCK_C": 16, "num_warps": 2, "num_stages": 1},
+    {"BLOCK_C": 16, "num_warps": 8, "num_stages": 1},
+    {"BLOCK_C": 16, "num_warps": 4, "num_stages": 1},
     {"BLOCK_C": 64, "num_warps": 8, "num_stages": 1},
 ]
 
 
 def get_configs() -> list[dict]:
     return _config.collapse(_CONFIGS)
+
+
+def default_config(block_p: int) -> dict:
+    """Spill-free heuristic (bench/compile_report.py checks it): at most 16 values of the tile per thread."""
+    return _CONFIGS[0] if block_p <= 64 else _CONFIGS[1]
 
 
 def _launch_fwd(x, rois, ph, pw, spatial_scale):
@@ -140,7 +146,8 @@ def _launch_fwd(x, rois, ph, pw, spatial_scale):
     if K == 0 or C == 0:
         return out, argmax
     block_p = triton.next_power_of_2(ph * pw)
-    block, opts = _config.launch_kwargs(_config.pick("roi_pool_fwd", f"p{block_p}", get_configs()))
+    block, opts = _config.launch_kwargs(_config.pick("roi_pool_fwd", f"p{block_p}", get_configs(),
+                                                     default_config(block_p)))
     grid = (K, triton.cdiv(C, block["BLOCK_C"]))
     _roi_pool_fwd_kernel[grid](x, rois, out, argmax, x.shape[0], C, x.shape[2], x.shape[3], ph, pw,
                                float(spatial_scale), *x.stride(), BIG=_BIG, BLOCK_P=block_p, **block, **opts)
@@ -155,7 +162,7 @@ def _launch_bwd(grad, argmax, x, rois, ph, pw, deterministic):
     if K > 0 and C > 0:
         block_p = triton.next_power_of_2(ph * pw)
         op = "roi_pool_bwd_det" if deterministic else "roi_pool_bwd"
-        block, opts = _config.launch_kwargs(_config.pick(op, f"p{block_p}", get_configs()))
+        block, opts = _config.launch_kwargs(_config.pick(op, f"p{block_p}", get_configs(), default_config(block_p)))
         grid = (K, triton.cdiv(C, block["BLOCK_C"]))
         _roi_pool_bwd_kernel[grid](acc, rois, grad, argmax, fix if deterministic else grad, N, C, H * W, ph, pw,
                                    *grad.stride(), DETERMINISTIC=deterministic, BLOCK_P=block_p, **block, **opts)
@@ -286,14 +293,15 @@ def compile_specs() -> list[CompileSpec]:
         block, opts = _config.launch_kwargs(cfg)
         for dtype in ("float32", "float16", "bfloat16") if i == 0 else ("bfloat16",):
             t = TORCH_TO_TRITON[dtype]
-            for block_p in (64,) if i == 0 else (256,):
+            for block_p in (64, 256) if dtype == "bfloat16" else (64,):
                 const = dict(BIG=_BIG, BLOCK_P=block_p, **block)
                 sig = {"x_ptr": f"*{t}", "rois_ptr": "*fp32", "out_ptr": f"*{t}", "argmax_ptr": "*i32",
                        **{k: "i32" for k in ("N", "C", "H", "W", "PH", "PW")}, "spatial_scale": "fp32",
                        **{k: "i64" for k in ("s_n", "s_c", "s_h", "s_w")}, **{k: "constexpr" for k in const}}
                 tag = f"{dtype},P{block_p},C{block['BLOCK_C']},w{opts['num_warps']}"
+                used = cfg == default_config(block_p)
                 specs.append(CompileSpec(f"roi_pool_fwd[{tag}]", _roi_pool_fwd_kernel, sig, const,
-                                         default=i == 0, **opts))
+                                         default=used, **opts))
                 for det in (False, True):
                     bconst = dict(DETERMINISTIC=det, BLOCK_P=block_p, **block)
                     bsig = {"acc_ptr": "*i64" if det else "*fp32", "rois_ptr": "*fp32", "grad_ptr": f"*{t}",
@@ -302,5 +310,5 @@ def compile_specs() -> list[CompileSpec]:
                             **{k: "i64" for k in ("sg_k", "sg_c", "sg_h", "sg_w")},
                             **{k: "constexpr" for k in bconst}}
                     specs.append(CompileSpec(f"roi_pool_bwd[det{int(det)},{tag}]", _roi_pool_bwd_kernel, bsig,
-                                             bconst, default=i == 0, **opts))
+                                             bconst, default=used, **opts))
     return specs
