@@ -128,6 +128,7 @@ def _nms_reduce_kernel(
 
 
 _CONFIGS = [
+    {"BLOCK_ROWS": 64, "BLOCK_W": 64, "num_warps": 8, "num_stages": 1},  # 4 warps spill the 64x64 IoU tile
     {"BLOCK_ROWS": 64, "BLOCK_W": 64, "num_warps": 4, "num_stages": 1},
     {"BLOCK_ROWS": 128, "BLOCK_W": 128, "num_warps": 8, "num_stages": 1},
     {"BLOCK_ROWS": 64, "BLOCK_W": 32, "num_warps": 2, "num_stages": 1},
