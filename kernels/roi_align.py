@@ -128,6 +128,21 @@ def _bilinear(y, x, H, W):
 
 
 @triton.jit
+def _sample_corners(s, grid_h, grid_w, start_h, start_w, ph, pw, bin_h, bin_w, H, W, s_h, s_w):
+    """Sample s of every bin: validity, the int64 offsets of its four corners, and their weights."""
+    iy = s // grid_w
+    ix = s - iy * grid_w
+    y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h
+    x = start_w + pw * bin_w + (ix + 0.5) * bin_w / grid_w
+    valid, y_lo, x_lo, y_hi, x_hi, w1, w2, w3, w4 = _bilinear(y, x, H, W)
+    r_lo = y_lo.to(tl.int64) * s_h
+    r_hi = y_hi.to(tl.int64) * s_h
+    c_lo = x_lo.to(tl.int64) * s_w
+    c_hi = x_hi.to(tl.int64) * s_w
+    return valid, r_lo + c_lo, r_lo + c_hi, r_hi + c_lo, r_hi + c_hi, w1, w2, w3, w4
+
+
+@triton.jit
 def _roi_align_fwd_kernel(
     x0, x1, x2, x3, x4, meta_ptr, scales_ptr, rois_ptr, levels_ptr, out_ptr,
     N, C, PH, PW, sampling_ratio,
@@ -152,20 +167,13 @@ def _roi_align_fwd_kernel(
     base = x_ptr + b * s_n + c[None, :].to(tl.int64) * s_c
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for s in range(0, grid_h * grid_w):
-        iy = s // grid_w
-        ix = s - iy * grid_w
-        y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h
-        x = start_w + pw * bin_w + (ix + 0.5) * bin_w / grid_w
-        valid, y_lo, x_lo, y_hi, x_hi, w1, w2, w3, w4 = _bilinear(y, x, H, W)
+        valid, o1, o2, o3, o4, w1, w2, w3, w4 = _sample_corners(
+            s, grid_h, grid_w, start_h, start_w, ph, pw, bin_h, bin_w, H, W, s_h, s_w)
         m = mask & valid[:, None]
-        r_lo = y_lo.to(tl.int64) * s_h
-        r_hi = y_hi.to(tl.int64) * s_h
-        c_lo = x_lo.to(tl.int64) * s_w
-        c_hi = x_hi.to(tl.int64) * s_w
-        v1 = tl.load(base + (r_lo + c_lo)[:, None], mask=m, other=0.0).to(tl.float32)
-        v2 = tl.load(base + (r_lo + c_hi)[:, None], mask=m, other=0.0).to(tl.float32)
-        v3 = tl.load(base + (r_hi + c_lo)[:, None], mask=m, other=0.0).to(tl.float32)
-        v4 = tl.load(base + (r_hi + c_hi)[:, None], mask=m, other=0.0).to(tl.float32)
+        v1 = tl.load(base + o1[:, None], mask=m, other=0.0).to(tl.float32)
+        v2 = tl.load(base + o2[:, None], mask=m, other=0.0).to(tl.float32)
+        v3 = tl.load(base + o3[:, None], mask=m, other=0.0).to(tl.float32)
+        v4 = tl.load(base + o4[:, None], mask=m, other=0.0).to(tl.float32)
         acc += w1[:, None] * v1 + w2[:, None] * v2 + w3[:, None] * v3 + w4[:, None] * v4
     out = acc / count
     out_offs = k * C * PH * PW + c[None, :].to(tl.int64) * (PH * PW) + p[:, None]
@@ -202,16 +210,9 @@ def _roi_align_bwd_kernel(
         fix_scale = tl.load(fix_scale_ptr)
     base = acc_ptr + b * s_n + c[None, :].to(tl.int64) * s_c
     for s in range(0, grid_h * grid_w):
-        iy = s // grid_w
-        ix = s - iy * grid_w
-        y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h
-        x = start_w + pw * bin_w + (ix + 0.5) * bin_w / grid_w
-        valid, y_lo, x_lo, y_hi, x_hi, w1, w2, w3, w4 = _bilinear(y, x, H, W)
+        valid, o1, o2, o3, o4, w1, w2, w3, w4 = _sample_corners(
+            s, grid_h, grid_w, start_h, start_w, ph, pw, bin_h, bin_w, H, W, s_h, s_w)
         m = mask & valid[:, None]
-        r_lo = y_lo.to(tl.int64) * s_h
-        r_hi = y_hi.to(tl.int64) * s_h
-        c_lo = x_lo.to(tl.int64) * s_w
-        c_hi = x_hi.to(tl.int64) * s_w
         v1 = g * w1[:, None] / count
         v2 = g * w2[:, None] / count
         v3 = g * w3[:, None] / count
@@ -221,10 +222,10 @@ def _roi_align_bwd_kernel(
             v2 = tl.floor(v2.to(tl.float64) * fix_scale + 0.5).to(tl.int64)
             v3 = tl.floor(v3.to(tl.float64) * fix_scale + 0.5).to(tl.int64)
             v4 = tl.floor(v4.to(tl.float64) * fix_scale + 0.5).to(tl.int64)
-        tl.atomic_add(base + (r_lo + c_lo)[:, None], v1, mask=m, sem="relaxed")
-        tl.atomic_add(base + (r_lo + c_hi)[:, None], v2, mask=m, sem="relaxed")
-        tl.atomic_add(base + (r_hi + c_lo)[:, None], v3, mask=m, sem="relaxed")
-        tl.atomic_add(base + (r_hi + c_hi)[:, None], v4, mask=m, sem="relaxed")
+        tl.atomic_add(base + o1[:, None], v1, mask=m, sem="relaxed")
+        tl.atomic_add(base + o2[:, None], v2, mask=m, sem="relaxed")
+        tl.atomic_add(base + o3[:, None], v3, mask=m, sem="relaxed")
+        tl.atomic_add(base + o4[:, None], v4, mask=m, sem="relaxed")
 
 
 _CONFIGS = [
