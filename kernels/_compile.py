@@ -50,13 +50,6 @@ def compile_for(spec: CompileSpec, cc: int):
                           options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
 
 
-def signature_for(args: dict, constexprs: dict) -> dict:
-    """Build a signature: ``args`` maps runtime arg name -> type, constexpr names get 'constexpr'."""
-    sig = dict(args)
-    sig.update({k: "constexpr" for k in constexprs})
-    return sig
-
-
 TORCH_TO_TRITON = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int64": "i64", "int32": "i32"}
 
 

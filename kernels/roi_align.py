@@ -143,6 +143,15 @@ def _sample_corners(s, grid_h, grid_w, start_h, start_w, ph, pw, bin_h, bin_w, H
 
 
 @triton.jit
+def _level_strides(meta_ptr, lvl, first_col, CHANNELS_LAST: tl.constexpr):
+    """(n, c, h, w) strides of level ``lvl`` from its meta row, starting at ``first_col``
+    (2: the features, 6: the gradient accumulators)."""
+    row = meta_ptr + lvl * 10 + first_col
+    s_c = 1 if CHANNELS_LAST else tl.load(row + 1)  # constexpr 1: 16-byte channel runs
+    return tl.load(row), s_c, tl.load(row + 2), tl.load(row + 3)
+
+
+@triton.jit
 def _roi_align_fwd_kernel(
     x0, x1, x2, x3, x4, meta_ptr, scales_ptr, rois_ptr, levels_ptr, out_ptr,
     N, C, PH, PW, sampling_ratio,
@@ -156,10 +165,7 @@ def _roi_align_fwd_kernel(
         rois_ptr, levels_ptr, meta_ptr, scales_ptr, k, N, PH, PW, sampling_ratio,
         ALIGNED, NUM_LEVELS, MAX_GRID)
     x_ptr = _select_level(lvl, x0, x1, x2, x3, x4, NUM_LEVELS)
-    s_n = tl.load(meta_ptr + lvl * 10 + 2)
-    s_c = 1 if CHANNELS_LAST else tl.load(meta_ptr + lvl * 10 + 3)  # constexpr 1: 16-byte channel runs
-    s_h = tl.load(meta_ptr + lvl * 10 + 4)
-    s_w = tl.load(meta_ptr + lvl * 10 + 5)
+    s_n, s_c, s_h, s_w = _level_strides(meta_ptr, lvl, 2, CHANNELS_LAST)
 
     ph = (p // PW).to(tl.float32)
     pw = (p % PW).to(tl.float32)
@@ -194,10 +200,7 @@ def _roi_align_bwd_kernel(
         rois_ptr, levels_ptr, meta_ptr, scales_ptr, k, N, PH, PW, sampling_ratio,
         ALIGNED, NUM_LEVELS, MAX_GRID)
     acc_ptr = _select_level(lvl, g0, g1, g2, g3, g4, NUM_LEVELS)
-    s_n = tl.load(meta_ptr + lvl * 10 + 6)
-    s_c = 1 if CHANNELS_LAST else tl.load(meta_ptr + lvl * 10 + 7)
-    s_h = tl.load(meta_ptr + lvl * 10 + 8)
-    s_w = tl.load(meta_ptr + lvl * 10 + 9)
+    s_n, s_c, s_h, s_w = _level_strides(meta_ptr, lvl, 6, CHANNELS_LAST)
 
     ph_i = p // PW
     pw_i = p % PW
