@@ -3,9 +3,14 @@
 Every op follows the backend rule of :mod:`kernels._backend`: CUDA -> compiled Triton,
 CPU with ``TRITON_INTERPRET=1`` -> Triton's interpreter, CPU otherwise -> vectorized PyTorch.
 """
-from kernels._backend import use_backend
+from kernels._backend import BoxesShapeError, InputError, InputTypeError, interpreting, use_backend
 
-__all__ = ["use_backend"]
+if interpreting():
+    from kernels._compat import patch_interpreter
+
+    patch_interpreter()  # triton < 3.7's interpreter cannot use loaded values as loop bounds
+
+__all__ = ["use_backend", "InputError", "InputTypeError", "BoxesShapeError"]
 
 # Ops register themselves on import; each block is guarded only by the module's existence
 # while the package is being built up op by op.

@@ -49,32 +49,55 @@ def backend_for(t: torch.Tensor) -> str:
     raise TypeError(f"unsupported device {t.device}: maskrcnn-fast kernels run on CUDA or CPU")
 
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def check_tensor(t, name: str, *, ndim: int | None = None, dtypes=None, last_dim: int | None = None) -> None:
+# Errors are what we document *and* what torchvision raises for the same input, so that code
+# written against either keeps working: torchvision's C++ checks raise RuntimeError, its Python
+# box-shape check (torch._assert) raises AssertionError.
+class InputError(ValueError, RuntimeError):
+    """A bad shape, size or value (a ``ValueError``; torchvision raises ``RuntimeError``)."""
+
+
+class InputTypeError(TypeError, RuntimeError):
+    """A bad dtype or argument type (a ``TypeError``; torchvision raises ``RuntimeError``)."""
+
+
+class BoxesShapeError(InputError, AssertionError):
+    """Boxes of the wrong shape for an RoI op (torchvision's ``check_roi_boxes_shape`` asserts)."""
+
+
+def no_autocast(device: torch.device | str):
+    """Op bodies compute in fp32 (fp64 for fp64 input) whatever autocast says: without this, the
+    PyTorch ops inside a custom op would be autocast to bf16/fp16 (the op itself has no autocast rule)."""
+    dev = torch.device(device).type
+    return torch.autocast(dev if dev in ("cpu", "cuda") else "cpu", enabled=False)
+
+
+def check_tensor(t, name: str, *, ndim: int | None = None, dtypes=None, last_dim: int | None = None,
+                 shape_error: type[InputError] = InputError) -> None:
     """Shape/dtype checks that raise at once and never touch tensor values (no host sync)."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise InputTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+        raise shape_error(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if last_dim is not None and (t.dim() == 0 or t.shape[-1] != last_dim):
-        raise ValueError(f"{name} must have last dimension {last_dim}, got shape {tuple(t.shape)}")
+        raise shape_error(f"{name} must have last dimension {last_dim}, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+        raise InputTypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         desc = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise ValueError(f"tensors must be on one device: {desc}")
+        raise InputError(f"tensors must be on one device: {desc}")
 
 
 def assert_in_range(values: torch.Tensor, low: int, high: int, msg: str) -> None:
     """Value check without a host sync in the dispatcher's eyes: ``torch._assert_async`` is checked
-    asynchronously on CUDA and immediately on CPU (where it raises ``ValueError(msg)``).
+    asynchronously on CUDA and immediately on CPU (where it raises ``InputError(msg)``, a ValueError).
 
     Kernels still clamp or mask indices themselves, so a failing value can never make them
     read or write out of bounds before the asynchronous assert fires.
@@ -88,4 +111,4 @@ def assert_in_range(values: torch.Tensor, low: int, high: int, msg: str) -> None
     try:
         torch._assert_async(ok, msg)
     except RuntimeError:
-        raise ValueError(msg) from None
+        raise InputError(msg) from None

@@ -39,15 +39,11 @@ def all_compile_specs() -> list[CompileSpec]:
 
 
 def compile_for(spec: CompileSpec, cc: int):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from kernels._compat import compile_kernel
 
     # ASTSource wants the signature in the kernel's argument order.
     signature = {name: spec.signature[name] for name in spec.fn.arg_names}
-    src = ASTSource(fn=spec.fn, signature=signature, constexprs=dict(spec.constexprs))
-    return triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                          options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    return compile_kernel(spec.fn, signature, spec.constexprs, cc, spec.num_warps, spec.num_stages)
 
 
 TORCH_TO_TRITON = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int64": "i64", "int32": "i32"}
