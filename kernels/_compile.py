@@ -46,7 +46,8 @@ def compile_for(spec: CompileSpec, cc: int):
     return compile_kernel(spec.fn, signature, spec.constexprs, cc, spec.num_warps, spec.num_stages)
 
 
-TORCH_TO_TRITON = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int64": "i64", "int32": "i32"}
+TORCH_TO_TRITON = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "int64": "i64",
+                   "int32": "i32"}
 
 
 def resource_usage(cubin: bytes) -> dict:

@@ -18,7 +18,8 @@ from typing import Sequence
 
 import torch
 
-from kernels._backend import FLOAT_DTYPES, assert_in_range, check_same_device, check_tensor
+from kernels._backend import (FLOAT_DTYPES, BoxesShapeError, InputError, assert_in_range, check_same_device,
+                              check_tensor)
 
 MAX_GRID = 1024  # cap on RoIAlign's adaptive sampling grid per axis, so absurd boxes cannot run forever
 
@@ -28,42 +29,44 @@ def pair(output_size, name: str = "output_size") -> tuple[int, int]:
         output_size = (output_size, output_size)
     if (not isinstance(output_size, (tuple, list)) or len(output_size) != 2
             or not all(isinstance(v, int) for v in output_size)):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {output_size!r}")
+        raise InputError(f"{name} must be an int or a pair of ints, got {output_size!r}")
     if output_size[0] <= 0 or output_size[1] <= 0:
-        raise ValueError(f"{name} must be positive, got {tuple(output_size)}")
+        raise InputError(f"{name} must be positive, got {tuple(output_size)}")
     return int(output_size[0]), int(output_size[1])
 
 
 def rois_from_boxes(boxes, like: torch.Tensor) -> torch.Tensor:
-    """``Tensor[K,5]`` (batch index, x1, y1, x2, y2), from either that or a list of ``Tensor[L,4]``."""
+    """``Tensor[K,5]`` (batch index, x1, y1, x2, y2), from either that or a list of ``Tensor[L,4]``.
+
+    Boxes of any float dtype are accepted, as torchvision (under autocast) does; the ops compute in
+    fp32 (fp64 for fp64 features). A wrong shape raises :class:`BoxesShapeError` (a ValueError and,
+    as in torchvision, an AssertionError)."""
     if isinstance(boxes, (list, tuple)):
         for i, b in enumerate(boxes):
-            check_tensor(b, f"boxes[{i}]", ndim=2, last_dim=4, dtypes=FLOAT_DTYPES)
+            check_tensor(b, f"boxes[{i}]", ndim=2, last_dim=4, dtypes=FLOAT_DTYPES, shape_error=BoxesShapeError)
         if len(boxes) == 0:
             return like.new_zeros((0, 5))
+        dtype = torch.promote_types(boxes[0].dtype, torch.float32) if len({b.dtype for b in boxes}) > 1 \
+            else boxes[0].dtype
         # batch indices built per image without repeat_interleave, so no host sync
-        idx = [torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)]
-        return torch.cat([torch.cat(idx, 0), torch.cat(list(boxes), 0)], dim=1)
-    check_tensor(boxes, "boxes", ndim=2, last_dim=5, dtypes=FLOAT_DTYPES)
+        idx = [torch.full_like(b[:, :1], i, dtype=dtype) for i, b in enumerate(boxes)]
+        return torch.cat([torch.cat(idx, 0), torch.cat([b.to(dtype) for b in boxes], 0)], dim=1)
+    check_tensor(boxes, "boxes", ndim=2, last_dim=5, dtypes=FLOAT_DTYPES, shape_error=BoxesShapeError)
     return boxes
 
 
 def check_rois(features: Sequence[torch.Tensor], rois: torch.Tensor, op: str) -> None:
     """Shape/dtype/device checks (raise at once) and the batch-index range check (no host sync)."""
     if len(features) == 0:
-        raise ValueError(f"{op}: needs at least one feature map")
+        raise InputError(f"{op}: needs at least one feature map")
     first = features[0]
     for i, f in enumerate(features):
         check_tensor(f, f"{op}: input" if len(features) == 1 else f"{op}: features[{i}]", ndim=4,
                      dtypes=FLOAT_DTYPES)
         if f.dtype != first.dtype or f.shape[:2] != first.shape[:2]:
-            raise ValueError(f"{op}: feature maps must share dtype, batch size and channels; "
+            raise InputError(f"{op}: feature maps must share dtype, batch size and channels; "
                              f"got {tuple(first.shape)} {first.dtype} and {tuple(f.shape)} {f.dtype}")
         check_same_device(input=f, boxes=rois)
-    # fp32 boxes with half-precision features keep box coordinates exact (bf16 rounds a 1000 px
-    # coordinate to 4 px); any other mismatch is almost certainly a bug in the caller.
-    if rois.dtype not in (first.dtype, torch.float32):
-        raise TypeError(f"{op}: boxes must have the input's dtype ({first.dtype}) or float32, got {rois.dtype}")
     assert_in_range(rois[:, 0], 0, first.shape[0],
                     f"{op}: batch index in boxes[:, 0] must be in [0, {first.shape[0]})")
 

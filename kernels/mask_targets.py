@@ -3,12 +3,15 @@
 Maths (torchvision ``roi_heads.project_masks_on_boxes``)
     target[r] = RoIAlign(gt_masks[matched_idxs[r]], boxes[r], (M, M), spatial_scale=1,
                          sampling_ratio=-1 (adaptive: ceil(box size / M) samples per bin), aligned=False)
-computed by ``kernels.roi_align`` (Triton forward; the targets need no gradient).
+computed by ``kernels.roi_align`` (Triton forward; the targets need no gradient), in the boxes' dtype
+(float64 boxes are passed to it as float64, as torchvision does).
 
 Targets inside the loss kernel: ``mask_targets_from_gt(gt_masks, boxes, matched_idxs)`` returns a lazy
 description that ``sigmoid_bce_mask_loss`` / ``mask_predictor_loss`` accept in place of ``mask_targets``;
 their forward kernels then evaluate ``_projected_target`` (the same sampling rule and arithmetic as
 RoIAlign) for each target pixel, so the [R,M,M] targets and the float copy of the masks never exist.
+The projection computes in the boxes pointer's dtype, which the loss launchers set to the loss's
+compute dtype: fp32, or fp64 for fp64 logits/features (as torchvision's float64 RoIAlign does).
 
 Bytes moved (G gt masks of H x W, R RoIs; 128 RoIs, 20 masks of 800x1216 in brackets)
     gt_masks -> float32 copy: G*H*W*(1 + 4) [97 MB]  (uint8 masks; the copy is torchvision's too)
@@ -25,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._backend import FLOAT_DTYPES, assert_in_range, check_same_device, check_tensor
+from kernels._backend import (FLOAT_DTYPES, InputError, assert_in_range, check_same_device, check_tensor,
+                              no_autocast)
 from kernels._roi_common import MAX_GRID
 from kernels.roi_align import _bilinear, roi_align
 
@@ -34,7 +38,9 @@ _MAX_GRID = tl.constexpr(MAX_GRID)
 
 @triton.jit
 def _projected_target(gt_ptr, boxes_ptr, idx_ptr, r, p, pm, M, G, H, W, s_n, s_h, s_w):
-    """RoIAlign (scale 1, aligned=False, adaptive grid) of mask idx[r] over box r at pixels p, fp32."""
+    """RoIAlign (scale 1, aligned=False, adaptive grid) of mask idx[r] over box r at pixels p, computed
+    in the boxes' dtype (fp32 or fp64)."""
+    cdt = boxes_ptr.dtype.element_ty
     x1 = tl.load(boxes_ptr + r * 4)
     y1 = tl.load(boxes_ptr + r * 4 + 1)
     x2 = tl.load(boxes_ptr + r * 4 + 2)
@@ -48,11 +54,11 @@ def _projected_target(gt_ptr, boxes_ptr, idx_ptr, r, p, pm, M, G, H, W, s_n, s_h
     gw = tl.where(roi_w == roi_w, tl.ceil(roi_w / M), 0.0)
     grid_h = tl.minimum(tl.maximum(gh, 0.0), _MAX_GRID).to(tl.int32)
     grid_w = tl.minimum(tl.maximum(gw, 0.0), _MAX_GRID).to(tl.int32)
-    count = tl.maximum(grid_h * grid_w, 1).to(tl.float32)
-    ph = (p // M).to(tl.float32)
-    pw = (p % M).to(tl.float32)
+    count = tl.maximum(grid_h * grid_w, 1).to(cdt)
+    ph = (p // M).to(cdt)
+    pw = (p % M).to(cdt)
     base = gt_ptr + n * s_n
-    acc = tl.zeros(ph.shape, dtype=tl.float32)
+    acc = tl.zeros(ph.shape, dtype=cdt)
     for s in range(0, grid_h * grid_w):
         iy = s // grid_w
         ix = s - iy * grid_w
@@ -64,18 +70,18 @@ def _projected_target(gt_ptr, boxes_ptr, idx_ptr, r, p, pm, M, G, H, W, s_n, s_h
         r_hi = y_hi.to(tl.int64) * s_h
         c_lo = x_lo.to(tl.int64) * s_w
         c_hi = x_hi.to(tl.int64) * s_w
-        v1 = tl.load(base + r_lo + c_lo, mask=m, other=0).to(tl.float32)
-        v2 = tl.load(base + r_lo + c_hi, mask=m, other=0).to(tl.float32)
-        v3 = tl.load(base + r_hi + c_lo, mask=m, other=0).to(tl.float32)
-        v4 = tl.load(base + r_hi + c_hi, mask=m, other=0).to(tl.float32)
+        v1 = tl.load(base + r_lo + c_lo, mask=m, other=0).to(cdt)
+        v2 = tl.load(base + r_lo + c_hi, mask=m, other=0).to(cdt)
+        v3 = tl.load(base + r_hi + c_lo, mask=m, other=0).to(cdt)
+        v4 = tl.load(base + r_hi + c_hi, mask=m, other=0).to(cdt)
         acc += w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4
     return acc / count
 
 
 class GtMaskTargets(NamedTuple):
     """Mask targets described by the ground truth, evaluated inside the loss kernel."""
-    gt_masks: torch.Tensor      # [G, H, W] uint8, bool or float32
-    boxes: torch.Tensor         # [R, 4] float32
+    gt_masks: torch.Tensor      # [G, H, W] uint8 (bool viewed as uint8), float32 or float64
+    boxes: torch.Tensor         # [R, 4] float32, or float64
     matched_idxs: torch.Tensor  # [R] int64
 
     def materialize(self, M: int) -> torch.Tensor:
@@ -86,14 +92,15 @@ def mask_targets_from_gt(gt_masks: torch.Tensor, boxes: torch.Tensor, matched_id
                          check_values: bool = True) -> GtMaskTargets:
     """Pass the result as ``mask_targets`` to the mask losses: they then compute
     ``project_masks_on_boxes(gt_masks, boxes, matched_idxs, M)`` per pixel inside their kernel.
-    Checks shapes at once and the index range / mask values (in [0, 1]) without a host sync."""
+    Checks shapes at once and the index range / mask values (in [0, 1]) without a host sync.
+    float64 boxes and masks are kept in float64 (the fp64 losses then project in fp64)."""
     _check(gt_masks, boxes, matched_idxs, "mask_targets_from_gt")
     if boxes.shape[0] > 0 and 0 in gt_masks.shape:
-        raise ValueError(f"mask_targets_from_gt: {boxes.shape[0]} boxes but gt_masks has shape "
+        raise InputError(f"mask_targets_from_gt: {boxes.shape[0]} boxes but gt_masks has shape "
                          f"{tuple(gt_masks.shape)}")
     if gt_masks.dtype == torch.bool:
         gt_masks = gt_masks.view(torch.uint8)  # same bytes, no copy
-    elif gt_masks.dtype not in (torch.uint8, torch.float32):
+    elif gt_masks.dtype not in (torch.uint8, torch.float32, torch.float64):
         gt_masks = gt_masks.float()  # rare: the copy torchvision makes for every dtype
     assert_in_range(matched_idxs, 0, gt_masks.shape[0],
                     f"mask_targets_from_gt: matched_idxs must be in [0, {gt_masks.shape[0]})")
@@ -102,17 +109,18 @@ def mask_targets_from_gt(gt_masks: torch.Tensor, boxes: torch.Tensor, matched_id
         if gt_masks.device.type != "cpu" or torch.compiler.is_compiling():
             torch._assert_async(ok, "mask_targets_from_gt: gt_masks must be in [0, 1]")
         elif not bool(ok):
-            raise ValueError("mask_targets_from_gt: gt_masks must be in [0, 1]")
-    return GtMaskTargets(gt_masks, boxes.float().contiguous(), matched_idxs.long().contiguous())
+            raise InputError("mask_targets_from_gt: gt_masks must be in [0, 1]")
+    boxes = boxes if boxes.dtype == torch.float64 else boxes.float()
+    return GtMaskTargets(gt_masks, boxes.contiguous(), matched_idxs.long().contiguous())
 
 
 def _check(gt_masks, boxes, matched_idxs, op="project_masks_on_boxes"):
     check_tensor(gt_masks, f"{op}: gt_masks", ndim=3)
-    check_tensor(boxes, f"{op}: boxes", ndim=2, last_dim=4, dtypes=FLOAT_DTYPES + (torch.float64,))
+    check_tensor(boxes, f"{op}: boxes", ndim=2, last_dim=4, dtypes=FLOAT_DTYPES)
     check_tensor(matched_idxs, f"{op}: matched_idxs", ndim=1, dtypes=(torch.int64, torch.int32, torch.int16,
                                                                        torch.uint8))
     if matched_idxs.shape[0] != boxes.shape[0]:
-        raise ValueError(f"{op}: {boxes.shape[0]} boxes but matched_idxs has shape {tuple(matched_idxs.shape)}")
+        raise InputError(f"{op}: {boxes.shape[0]} boxes but matched_idxs has shape {tuple(matched_idxs.shape)}")
     check_same_device(gt_masks=gt_masks, boxes=boxes, matched_idxs=matched_idxs)
 
 
@@ -123,8 +131,9 @@ def project_masks_on_boxes(gt_masks: torch.Tensor, boxes: torch.Tensor, matched_
     float, ``matched_idxs`` ``[R]`` integer in ``[0, G)``; a bad index raises without a host sync)."""
     _check(gt_masks, boxes, matched_idxs)
     if not isinstance(M, int) or M <= 0:
-        raise ValueError(f"project_masks_on_boxes: M must be a positive int, got {M!r}")
-    dtype = torch.float32 if boxes.dtype == torch.float64 else boxes.dtype
-    rois = torch.cat([matched_idxs.to(dtype)[:, None], boxes.to(dtype)], dim=1)
-    # roi_align checks the matched index (its batch index) against G, asynchronously on CUDA
-    return roi_align(gt_masks[:, None].to(dtype), rois, (M, M), 1.0)[:, 0].to(boxes.dtype)
+        raise InputError(f"project_masks_on_boxes: M must be a positive int, got {M!r}")
+    dtype = boxes.dtype
+    with no_autocast(boxes.device):
+        rois = torch.cat([matched_idxs.to(dtype)[:, None], boxes], dim=1)
+        # roi_align checks the matched index (its batch index) against G, asynchronously on CUDA
+        return roi_align(gt_masks[:, None].to(dtype), rois, (M, M), 1.0)[:, 0]

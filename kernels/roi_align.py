@@ -26,6 +26,7 @@ vectorized PyTorch code at the bottom (its backward is autograd through the same
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -34,7 +35,7 @@ import triton
 import triton.language as tl
 
 from kernels import _config
-from kernels._backend import backend_for
+from kernels._backend import InputError, backend_for, no_autocast
 from kernels._compile import TORCH_TO_TRITON, CompileSpec
 from kernels._roi_align_torch import _torch_roi_align, _torch_roi_align_bwd
 from kernels._roi_common import (MAX_GRID, check_rois, fixed_point_scale, from_fixed_point, pair,
@@ -64,17 +65,17 @@ def _select_level(lvl, p0, p1, p2, p3, p4, NUM_LEVELS: tl.constexpr):
 
 @triton.jit
 def _roi_geometry(rois_ptr, levels_ptr, meta_ptr, scales_ptr, k, N, PH, PW, sampling_ratio,
-                  ALIGNED: tl.constexpr, NUM_LEVELS: tl.constexpr, MAX_GRID: tl.constexpr):
-    """Everything about RoI k that does not depend on the output bin."""
-    b = tl.load(rois_ptr + k * 5).to(tl.float32)
-    x1 = tl.load(rois_ptr + k * 5 + 1).to(tl.float32)
-    y1 = tl.load(rois_ptr + k * 5 + 2).to(tl.float32)
-    x2 = tl.load(rois_ptr + k * 5 + 3).to(tl.float32)
-    y2 = tl.load(rois_ptr + k * 5 + 4).to(tl.float32)
+                  ALIGNED: tl.constexpr, NUM_LEVELS: tl.constexpr, MAX_GRID: tl.constexpr, ACC: tl.constexpr):
+    """Everything about RoI k that does not depend on the output bin (in ACC: fp32, or fp64 for fp64 input)."""
+    b = tl.load(rois_ptr + k * 5).to(ACC)
+    x1 = tl.load(rois_ptr + k * 5 + 1).to(ACC)
+    y1 = tl.load(rois_ptr + k * 5 + 2).to(ACC)
+    x2 = tl.load(rois_ptr + k * 5 + 3).to(ACC)
+    y2 = tl.load(rois_ptr + k * 5 + 4).to(ACC)
     lvl = 0
     if NUM_LEVELS > 1:
         lvl = tl.minimum(tl.maximum(tl.load(levels_ptr + k), 0), NUM_LEVELS - 1)
-    scale = tl.load(scales_ptr + lvl)
+    scale = tl.load(scales_ptr + lvl).to(ACC)
     # clamp the batch index so that a bad value (also reported by the launcher) stays in bounds
     b = tl.minimum(tl.maximum(tl.where(b == b, b, 0.0), 0.0), N - 1.0).to(tl.int64)
     off = 0.5 if ALIGNED else 0.0
@@ -96,7 +97,7 @@ def _roi_geometry(rois_ptr, levels_ptr, meta_ptr, scales_ptr, k, N, PH, PW, samp
         gw = tl.where(roi_w == roi_w, tl.ceil(roi_w / PW), 0.0)
         grid_h = tl.minimum(tl.maximum(gh, 0.0), MAX_GRID).to(tl.int32)
         grid_w = tl.minimum(tl.maximum(gw, 0.0), MAX_GRID).to(tl.int32)
-    count = tl.maximum(grid_h * grid_w, 1).to(tl.float32)
+    count = tl.maximum(grid_h * grid_w, 1).to(ACC)
     H = tl.load(meta_ptr + lvl * 10 + 0)
     W = tl.load(meta_ptr + lvl * 10 + 1)
     return b, lvl, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count, H, W
@@ -105,8 +106,8 @@ def _roi_geometry(rois_ptr, levels_ptr, meta_ptr, scales_ptr, k, N, PH, PW, samp
 @triton.jit
 def _bilinear(y, x, H, W):
     """torchvision's bilinear_interpolate: corner indices, weights and validity for sample (y, x)."""
-    Hf = H.to(tl.float32)
-    Wf = W.to(tl.float32)
+    Hf = H.to(y.dtype)
+    Wf = W.to(x.dtype)
     valid = (y >= -1.0) & (y <= Hf) & (x >= -1.0) & (x <= Wf)
     y = tl.where(valid, tl.maximum(y, 0.0), 0.0)  # NaN/inf never reach the int conversion
     x = tl.where(valid, tl.maximum(x, 0.0), 0.0)
@@ -118,10 +119,10 @@ def _bilinear(y, x, H, W):
     x_low = tl.where(x_top, W - 1, x_low)
     y_high = tl.where(y_top, H - 1, y_low + 1)
     x_high = tl.where(x_top, W - 1, x_low + 1)
-    y = tl.where(y_top, y_low.to(tl.float32), y)
-    x = tl.where(x_top, x_low.to(tl.float32), x)
-    ly = y - y_low.to(tl.float32)
-    lx = x - x_low.to(tl.float32)
+    y = tl.where(y_top, y_low.to(y.dtype), y)
+    x = tl.where(x_top, x_low.to(x.dtype), x)
+    ly = y - y_low.to(y.dtype)
+    lx = x - x_low.to(x.dtype)
     hy = 1.0 - ly
     hx = 1.0 - lx
     return valid, y_low, x_low, y_high, x_high, hy * hx, hy * lx, ly * hx, ly * lx
@@ -156,30 +157,30 @@ def _roi_align_fwd_kernel(
     x0, x1, x2, x3, x4, meta_ptr, scales_ptr, rois_ptr, levels_ptr, out_ptr,
     N, C, PH, PW, sampling_ratio,
     ALIGNED: tl.constexpr, NUM_LEVELS: tl.constexpr, MAX_GRID: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
     k = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     p = tl.arange(0, BLOCK_P)
     b, lvl, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count, H, W = _roi_geometry(
         rois_ptr, levels_ptr, meta_ptr, scales_ptr, k, N, PH, PW, sampling_ratio,
-        ALIGNED, NUM_LEVELS, MAX_GRID)
+        ALIGNED, NUM_LEVELS, MAX_GRID, ACC)
     x_ptr = _select_level(lvl, x0, x1, x2, x3, x4, NUM_LEVELS)
     s_n, s_c, s_h, s_w = _level_strides(meta_ptr, lvl, 2, CHANNELS_LAST)
 
-    ph = (p // PW).to(tl.float32)
-    pw = (p % PW).to(tl.float32)
+    ph = (p // PW).to(ACC)
+    pw = (p % PW).to(ACC)
     mask = (p < PH * PW)[:, None] & (c < C)[None, :]
     base = x_ptr + b * s_n + c[None, :].to(tl.int64) * s_c
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
     for s in range(0, grid_h * grid_w):
         valid, o1, o2, o3, o4, w1, w2, w3, w4 = _sample_corners(
             s, grid_h, grid_w, start_h, start_w, ph, pw, bin_h, bin_w, H, W, s_h, s_w)
         m = mask & valid[:, None]
-        v1 = tl.load(base + o1[:, None], mask=m, other=0.0).to(tl.float32)
-        v2 = tl.load(base + o2[:, None], mask=m, other=0.0).to(tl.float32)
-        v3 = tl.load(base + o3[:, None], mask=m, other=0.0).to(tl.float32)
-        v4 = tl.load(base + o4[:, None], mask=m, other=0.0).to(tl.float32)
+        v1 = tl.load(base + o1[:, None], mask=m, other=0.0).to(ACC)
+        v2 = tl.load(base + o2[:, None], mask=m, other=0.0).to(ACC)
+        v3 = tl.load(base + o3[:, None], mask=m, other=0.0).to(ACC)
+        v4 = tl.load(base + o4[:, None], mask=m, other=0.0).to(ACC)
         acc += w1[:, None] * v1 + w2[:, None] * v2 + w3[:, None] * v3 + w4[:, None] * v4
     out = acc / count
     out_offs = k * C * PH * PW + c[None, :].to(tl.int64) * (PH * PW) + p[:, None]
@@ -192,23 +193,24 @@ def _roi_align_bwd_kernel(
     N, C, PH, PW, sampling_ratio, sg_k, sg_c, sg_h, sg_w,
     ALIGNED: tl.constexpr, NUM_LEVELS: tl.constexpr, MAX_GRID: tl.constexpr,
     DETERMINISTIC: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     k = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     p = tl.arange(0, BLOCK_P)
     b, lvl, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count, H, W = _roi_geometry(
         rois_ptr, levels_ptr, meta_ptr, scales_ptr, k, N, PH, PW, sampling_ratio,
-        ALIGNED, NUM_LEVELS, MAX_GRID)
+        ALIGNED, NUM_LEVELS, MAX_GRID, ACC)
     acc_ptr = _select_level(lvl, g0, g1, g2, g3, g4, NUM_LEVELS)
     s_n, s_c, s_h, s_w = _level_strides(meta_ptr, lvl, 6, CHANNELS_LAST)
 
     ph_i = p // PW
     pw_i = p % PW
-    ph = ph_i.to(tl.float32)
-    pw = pw_i.to(tl.float32)
+    ph = ph_i.to(ACC)
+    pw = pw_i.to(ACC)
     mask = (p < PH * PW)[:, None] & (c < C)[None, :]
     g_offs = k * sg_k + c[None, :].to(tl.int64) * sg_c + (ph_i.to(tl.int64) * sg_h + pw_i * sg_w)[:, None]
-    g = tl.load(grad_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(grad_ptr + g_offs, mask=mask, other=0.0).to(ACC)
     if DETERMINISTIC:
         fix_scale = tl.load(fix_scale_ptr)
     base = acc_ptr + b * s_n + c[None, :].to(tl.int64) * s_c
@@ -263,12 +265,26 @@ def _channels_last(tensors: Sequence[torch.Tensor]) -> bool:
     return all(t.stride(1) == 1 for t in tensors)
 
 
-def _level_meta(features: Sequence[torch.Tensor], grads: Sequence[torch.Tensor] | None) -> torch.Tensor:
+def _acc_dtype(dtype: torch.dtype):
+    """Compute dtype: fp64 for fp64 features, fp32 for everything else (fp16/bf16 up-cast in registers)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_meta(rows: tuple, scales: tuple, scale_dtype: torch.dtype, device: torch.device):
+    """Launch metadata as device tensors, made once per (shapes, strides, scales, device): a steady-state
+    call creates no tensor from host data, so a step can be captured in a CUDA graph."""
+    meta = torch.tensor(rows, dtype=torch.int64).to(device)
+    return meta, torch.tensor(scales, dtype=scale_dtype).to(device)
+
+
+def _level_meta(features: Sequence[torch.Tensor], grads: Sequence[torch.Tensor] | None, scales):
     rows = []
     for i, f in enumerate(features):
         gs = grads[i].stride() if grads is not None else f.stride()
-        rows.append([f.shape[2], f.shape[3], *f.stride(), *gs])
-    return torch.tensor(rows, dtype=torch.int64).to(features[0].device, non_blocking=True)
+        rows.append((f.shape[2], f.shape[3], *f.stride(), *gs))
+    scale_dtype = torch.float64 if features[0].dtype == torch.float64 else torch.float32
+    return _cached_meta(tuple(rows), tuple(float(v) for v in scales), scale_dtype, features[0].device)
 
 
 def _launch_fwd(features, rois, levels, scales, ph, pw, sampling_ratio, aligned) -> torch.Tensor:
@@ -277,8 +293,7 @@ def _launch_fwd(features, rois, levels, scales, ph, pw, sampling_ratio, aligned)
     out = torch.empty((K, C, ph, pw), dtype=x.dtype, device=x.device)
     if K == 0 or C == 0:
         return out
-    meta = _level_meta(features, None)
-    scales_t = torch.tensor(scales, dtype=torch.float32).to(x.device, non_blocking=True)
+    meta, scales_t = _level_meta(features, None, scales)
     cfg = _config.pick("roi_align_fwd", f"p{_block_p(ph, pw)}", get_configs(), default_config(_block_p(ph, pw), False))
     block, opts = _config.launch_kwargs(cfg)
     ptrs = list(features) + [x] * (MAX_LEVELS - len(features))
@@ -286,7 +301,7 @@ def _launch_fwd(features, rois, levels, scales, ph, pw, sampling_ratio, aligned)
     _roi_align_fwd_kernel[grid](*ptrs, meta, scales_t, rois, levels, out, x.shape[0], C, ph, pw,
                                 sampling_ratio, ALIGNED=aligned, NUM_LEVELS=len(features),
                                 MAX_GRID=MAX_GRID, CHANNELS_LAST=_channels_last(features),
-                                BLOCK_P=_block_p(ph, pw), **block, **opts)
+                                BLOCK_P=_block_p(ph, pw), ACC=_acc_dtype(x.dtype), **block, **opts)
     return out
 
 
@@ -294,13 +309,12 @@ def _launch_bwd(grad, features, rois, levels, scales, ph, pw, sampling_ratio, al
                 deterministic) -> list[torch.Tensor]:
     x = features[0]
     K, C = rois.shape[0], x.shape[1]
-    acc_dtype = torch.int64 if deterministic else torch.float32
+    acc_dtype = torch.int64 if deterministic else (torch.float64 if x.dtype == torch.float64 else torch.float32)
     # accumulators keep the features' layout (channels_last stays channels_last)
     accs = [torch.zeros_like(f, dtype=acc_dtype) for f in features]
     fix = fixed_point_scale(grad, K * ph * pw) if deterministic else None
     if K > 0 and C > 0:
-        meta = _level_meta(features, accs)
-        scales_t = torch.tensor(scales, dtype=torch.float32).to(x.device, non_blocking=True)
+        meta, scales_t = _level_meta(features, accs, scales)
         cfg = _config.pick("roi_align_bwd_det" if deterministic else "roi_align_bwd",
                            f"p{_block_p(ph, pw)}", get_configs(), default_config(_block_p(ph, pw), True))
         block, opts = _config.launch_kwargs(cfg)
@@ -311,24 +325,31 @@ def _launch_bwd(grad, features, rois, levels, scales, ph, pw, sampling_ratio, al
                                     sampling_ratio, *grad.stride(), ALIGNED=aligned,
                                     NUM_LEVELS=len(features), MAX_GRID=MAX_GRID,
                                     CHANNELS_LAST=_channels_last(features + accs),
-                                    DETERMINISTIC=deterministic, BLOCK_P=_block_p(ph, pw), **block, **opts)
+                                    DETERMINISTIC=deterministic, BLOCK_P=_block_p(ph, pw),
+                                    ACC=_acc_dtype(x.dtype), **block, **opts)
     if deterministic:
         return [from_fixed_point(a, fix, f.dtype, grad) for a, f in zip(accs, features)]
-    return [a if f.dtype == torch.float32 else a.to(f.dtype) for a, f in zip(accs, features)]
+    return [a if a.dtype == f.dtype else a.to(f.dtype) for a, f in zip(accs, features)]
 
 
 # ----------------------------------------------------------------------------------------------
 # torch.library registration
 # ----------------------------------------------------------------------------------------------
+def _compute_rois(rois: torch.Tensor, features) -> torch.Tensor:
+    """Boxes in the compute dtype (fp64 for fp64 features, else fp32), whatever dtype they came in."""
+    return rois.to(torch.float64 if features[0].dtype == torch.float64 else torch.float32).contiguous()
+
+
 @torch.library.custom_op("maskrcnn_fast::roi_align_forward", mutates_args=())
 def _roi_align_forward(features: list[torch.Tensor], rois: torch.Tensor, levels: torch.Tensor,
                        spatial_scales: list[float], pooled_h: int, pooled_w: int, sampling_ratio: int,
                        aligned: bool, deterministic: bool) -> torch.Tensor:
-    args = (list(features), rois.float().contiguous(), levels.contiguous(), list(spatial_scales),
+    args = (list(features), _compute_rois(rois, features), levels.contiguous(), list(spatial_scales),
             pooled_h, pooled_w, sampling_ratio, aligned)
-    if backend_for(rois) == "triton":
-        return _launch_fwd(*args)
-    return _torch_roi_align(*args)
+    with no_autocast(rois.device):
+        if backend_for(rois) == "triton":
+            return _launch_fwd(*args)
+        return _torch_roi_align(*args)
 
 
 @_roi_align_forward.register_fake
@@ -340,11 +361,12 @@ def _(features, rois, levels, spatial_scales, pooled_h, pooled_w, sampling_ratio
 def _roi_align_backward(grad: torch.Tensor, features: list[torch.Tensor], rois: torch.Tensor,
                         levels: torch.Tensor, spatial_scales: list[float], pooled_h: int, pooled_w: int,
                         sampling_ratio: int, aligned: bool, deterministic: bool) -> list[torch.Tensor]:
-    args = (list(features), rois.float().contiguous(), levels.contiguous(), list(spatial_scales),
+    args = (list(features), _compute_rois(rois, features), levels.contiguous(), list(spatial_scales),
             pooled_h, pooled_w, sampling_ratio, aligned)
-    if backend_for(rois) == "triton":
-        return _launch_bwd(grad, *args, deterministic)
-    return _torch_roi_align_bwd(grad, *args)
+    with no_autocast(rois.device):
+        if backend_for(rois) == "triton":
+            return _launch_bwd(grad, *args, deterministic)
+        return _torch_roi_align_bwd(grad, *args)
 
 
 @_roi_align_backward.register_fake
@@ -378,11 +400,11 @@ def _deterministic(flag: bool | None) -> bool:
 
 def roi_align(input: torch.Tensor, boxes, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
               aligned: bool = False, *, deterministic: bool | None = None) -> torch.Tensor:
-    """Drop-in for ``torchvision.ops.roi_align``; returns ``input.dtype``, computes in fp32.
+    """Drop-in for ``torchvision.ops.roi_align``; returns ``input.dtype``.
 
-    ``boxes`` is ``Tensor[K,5]`` (batch index, x1, y1, x2, y2) or a list of ``Tensor[L,4]``, in the
-    input's dtype or float32. ``deterministic`` (default: ``torch.are_deterministic_algorithms_enabled()``)
-    selects the bitwise-reproducible backward. Defined behaviour: boxes outside the map are sampled
+    ``boxes`` is ``Tensor[K,5]`` (batch index, x1, y1, x2, y2) or a list of ``Tensor[L,4]``, of any float
+    dtype; the maths is fp32 (fp64 for fp64 input). ``deterministic`` (default:
+    ``torch.are_deterministic_algorithms_enabled()``) selects the bitwise-reproducible backward. Defined behaviour: boxes outside the map are sampled
     as torchvision does (zeros beyond one pixel); boxes with NaN coordinates give zeros.
     """
     ph, pw = pair(output_size)
@@ -400,7 +422,7 @@ def _levels_for(rois: torch.Tensor, spatial_scales: Sequence[float], canonical_s
     k_max = round(-math.log2(spatial_scales[-1]))
     area = (rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])
     s = torch.sqrt(area)
-    lvl = torch.floor(canonical_level + torch.log2(s / canonical_scale) + torch.tensor(1e-6, dtype=s.dtype))
+    lvl = torch.floor(canonical_level + torch.log2(s / canonical_scale) + 1e-6)
     lvl = torch.clamp(lvl.nan_to_num(k_min), min=k_min, max=k_max)
     return (lvl - k_min).to(torch.int32)
 
@@ -415,9 +437,9 @@ def multiscale_roi_align(features: Sequence[torch.Tensor], rois, output_size, sp
     """
     features = list(features)
     if not 1 <= len(features) <= MAX_LEVELS:
-        raise ValueError(f"multiscale_roi_align: between 1 and {MAX_LEVELS} levels, got {len(features)}")
+        raise InputError(f"multiscale_roi_align: between 1 and {MAX_LEVELS} levels, got {len(features)}")
     if len(spatial_scales) != len(features):
-        raise ValueError(f"multiscale_roi_align: {len(features)} levels but {len(spatial_scales)} scales")
+        raise InputError(f"multiscale_roi_align: {len(features)} levels but {len(spatial_scales)} scales")
     ph, pw = pair(output_size)
     rois = rois_from_boxes(rois, features[0])
     check_rois(features, rois, "multiscale_roi_align")
@@ -430,9 +452,10 @@ def _spec(dtype: str, cfg: dict, levels: int, aligned: bool, block_p: int, det: 
           channels_last: bool):
     t = TORCH_TO_TRITON[dtype]
     block, opts = _config.launch_kwargs(cfg)
+    acc_t = "fp64" if dtype == "float64" else "fp32"
     const = dict(ALIGNED=aligned, NUM_LEVELS=levels, MAX_GRID=MAX_GRID, CHANNELS_LAST=channels_last,
-                 BLOCK_P=block_p, **block)
-    common = {"meta_ptr": "*i64", "scales_ptr": "*fp32", "rois_ptr": "*fp32", "levels_ptr": "*i32"}
+                 BLOCK_P=block_p, **block, ACC=_acc_dtype(getattr(torch, dtype)))
+    common = {"meta_ptr": "*i64", "scales_ptr": f"*{acc_t}", "rois_ptr": f"*{acc_t}", "levels_ptr": "*i32"}
     dims = {"N": "i32", "C": "i32", "PH": "i32", "PW": "i32", "sampling_ratio": "i32"}
     tag = (f"{dtype},L{levels},al{int(aligned)},cl{int(channels_last)},P{block_p},C{block['BLOCK_C']},"
            f"w{opts['num_warps']}")
@@ -441,7 +464,7 @@ def _spec(dtype: str, cfg: dict, levels: int, aligned: bool, block_p: int, det: 
                **{k: "constexpr" for k in const}}
         return CompileSpec(f"roi_align_fwd[{tag}]", _roi_align_fwd_kernel, sig, const, default=default, **opts)
     const["DETERMINISTIC"] = det
-    acc = "i64" if det else "fp32"
+    acc = "i64" if det else acc_t
     sig = {**{f"g{i}": f"*{acc}" for i in range(MAX_LEVELS)}, **common, "grad_ptr": f"*{t}",
            "fix_scale_ptr": "*fp64" if det else "*fp32", **dims,
            **{k: "i64" for k in ("sg_k", "sg_c", "sg_h", "sg_w")}, **{k: "constexpr" for k in const}}
@@ -458,7 +481,8 @@ def compile_specs() -> list[CompileSpec]:
             for det in (None, False, True):
                 used = cfg == default_config(block_p, det is not None)
                 specs.append(_spec("bfloat16", cfg, 5, False, block_p, det, default=used, channels_last=True))
-    for dtype, levels, aligned, channels_last in (("float32", 1, False, False), ("float16", 5, True, False)):
+    for dtype, levels, aligned, channels_last in (("float32", 1, False, False), ("float16", 5, True, False),
+                                                  ("float64", 1, False, False)):
         for det in (None, False, True):
             specs.append(_spec(dtype, default_config(64, det is not None), levels, aligned, 64, det, default=True,
                                channels_last=channels_last))

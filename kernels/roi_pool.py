@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from kernels import _config
-from kernels._backend import backend_for
+from kernels._backend import backend_for, no_autocast
 from kernels._compile import TORCH_TO_TRITON, CompileSpec
 from kernels._roi_common import check_rois, fixed_point_scale, from_fixed_point, pair, rois_from_boxes
 
@@ -35,23 +35,23 @@ def _round_half_away(v):
 
 
 @triton.jit
-def _roi_pool_bins(rois_ptr, k, N, H, W, PH, PW, spatial_scale, p, BIG: tl.constexpr):
-    """Batch index, per-bin cell ranges [hs, he) x [ws, we) and the loop extent for RoI k."""
-    b = tl.load(rois_ptr + k * 5)
-    x1 = tl.load(rois_ptr + k * 5 + 1) * spatial_scale
-    y1 = tl.load(rois_ptr + k * 5 + 2) * spatial_scale
-    x2 = tl.load(rois_ptr + k * 5 + 3) * spatial_scale
-    y2 = tl.load(rois_ptr + k * 5 + 4) * spatial_scale
+def _roi_pool_bins(rois_ptr, k, N, H, W, PH, PW, spatial_scale, p, BIG: tl.constexpr, ACC: tl.constexpr):
+    """Batch index, per-bin cell ranges [hs, he) x [ws, we) and the loop extent for RoI k (maths in ACC)."""
+    b = tl.load(rois_ptr + k * 5).to(ACC)
+    x1 = tl.load(rois_ptr + k * 5 + 1).to(ACC) * spatial_scale
+    y1 = tl.load(rois_ptr + k * 5 + 2).to(ACC) * spatial_scale
+    x2 = tl.load(rois_ptr + k * 5 + 3).to(ACC) * spatial_scale
+    y2 = tl.load(rois_ptr + k * 5 + 4).to(ACC) * spatial_scale
     finite = (tl.abs(x1) < BIG) & (tl.abs(y1) < BIG) & (tl.abs(x2) < BIG) & (tl.abs(y2) < BIG)
     b = tl.minimum(tl.maximum(tl.where(b == b, b, 0.0), 0.0), N - 1.0).to(tl.int64)
     sw = _round_half_away(tl.where(finite, x1, 0.0)).to(tl.int32)
     sh = _round_half_away(tl.where(finite, y1, 0.0)).to(tl.int32)
     ew = _round_half_away(tl.where(finite, x2, 0.0)).to(tl.int32)
     eh = _round_half_away(tl.where(finite, y2, 0.0)).to(tl.int32)
-    bin_h = tl.maximum(eh - sh + 1, 1).to(tl.float32) / PH
-    bin_w = tl.maximum(ew - sw + 1, 1).to(tl.float32) / PW
-    ph = (p // PW).to(tl.float32)
-    pw = (p % PW).to(tl.float32)
+    bin_h = tl.maximum(eh - sh + 1, 1).to(ACC) / PH
+    bin_w = tl.maximum(ew - sw + 1, 1).to(ACC) / PW
+    ph = (p // PW).to(ACC)
+    pw = (p % PW).to(ACC)
     hs = tl.minimum(tl.maximum(tl.floor(ph * bin_h).to(tl.int32) + sh, 0), H)
     he = tl.minimum(tl.maximum(tl.ceil((ph + 1.0) * bin_h).to(tl.int32) + sh, 0), H)
     ws = tl.minimum(tl.maximum(tl.floor(pw * bin_w).to(tl.int32) + sw, 0), W)
@@ -67,16 +67,16 @@ def _roi_pool_bins(rois_ptr, k, N, H, W, PH, PW, spatial_scale, p, BIG: tl.const
 def _roi_pool_fwd_kernel(
     x_ptr, rois_ptr, out_ptr, argmax_ptr, N, C, H, W, PH, PW, spatial_scale,
     s_n, s_c, s_h, s_w,
-    BIG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BIG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
     k = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     p = tl.arange(0, BLOCK_P)
-    b, hs, he, ws, we, nh, nw = _roi_pool_bins(rois_ptr, k, N, H, W, PH, PW, spatial_scale, p, BIG)
+    b, hs, he, ws, we, nh, nw = _roi_pool_bins(rois_ptr, k, N, H, W, PH, PW, spatial_scale, p, BIG, ACC)
     mask = (p < PH * PW)[:, None] & (c < C)[None, :]
     base = x_ptr + b * s_n + c[None, :].to(tl.int64) * s_c
     # torchvision starts from -FLT_MAX, so NaN and -inf cells are never taken
-    best = tl.full((BLOCK_P, BLOCK_C), -3.4028234663852886e38, tl.float32)
+    best = tl.full((BLOCK_P, BLOCK_C), -3.4028234663852886e38, ACC)
     best_idx = tl.full((BLOCK_P, BLOCK_C), -1, tl.int32)
     for s in range(0, nh * nw):
         h = hs + s // nw
@@ -84,7 +84,7 @@ def _roi_pool_fwd_kernel(
         inside = (h < he) & (w < we)
         m = mask & inside[:, None]
         v = tl.load(base + (h.to(tl.int64) * s_h + w.to(tl.int64) * s_w)[:, None], mask=m,
-                    other=float("-inf")).to(tl.float32)
+                    other=float("-inf")).to(ACC)
         take = m & (v > best)
         best = tl.where(take, v, best)
         best_idx = tl.where(take, (h * W + w)[:, None], best_idx)
@@ -99,7 +99,7 @@ def _roi_pool_fwd_kernel(
 def _roi_pool_bwd_kernel(
     acc_ptr, rois_ptr, grad_ptr, argmax_ptr, fix_scale_ptr, N, C, HW, PH, PW,
     sg_k, sg_c, sg_h, sg_w,
-    DETERMINISTIC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    DETERMINISTIC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
     k = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -112,7 +112,7 @@ def _roi_pool_bwd_kernel(
     ph = (p // PW).to(tl.int64)
     pw = (p % PW).to(tl.int64)
     g = tl.load(grad_ptr + k * sg_k + c[None, :].to(tl.int64) * sg_c + (ph * sg_h + pw * sg_w)[:, None],
-                mask=mask, other=0.0).to(tl.float32)
+                mask=mask, other=0.0).to(ACC)
     m = mask & (idx >= 0) & (idx < HW)
     dst = acc_ptr + (b * C + c[None, :].to(tl.int64)) * HW + idx
     if DETERMINISTIC:
@@ -127,6 +127,7 @@ _CONFIGS = [
     {"BLOCK_C": 16, "num_warps": 8, "num_stages": 1},
     {"BLOCK_C": 16, "num_warps": 4, "num_stages": 1},
     {"BLOCK_C": 64, "num_warps": 8, "num_stages": 1},
+    {"BLOCK_C": 8, "num_warps": 8, "num_stages": 1},
 ]
 
 
@@ -134,9 +135,16 @@ def get_configs() -> list[dict]:
     return _config.collapse(_CONFIGS)
 
 
-def default_config(block_p: int) -> dict:
-    """Spill-free heuristic (bench/compile_report.py checks it): at most 16 values of the tile per thread."""
-    return _CONFIGS[0] if block_p <= 64 else _CONFIGS[1]
+def default_config(block_p: int, backward: bool = False) -> dict:
+    """Spill-free heuristic (bench/compile_report.py checks it): at most 16 values of the tile per thread
+    forward, 8 backward (the deterministic int64 tile at 16 spills 8 bytes on sm_90 with triton 3.6)."""
+    if block_p <= 64:
+        return _CONFIGS[0]
+    return _CONFIGS[4] if backward else _CONFIGS[1]
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _launch_fwd(x, rois, ph, pw, spatial_scale):
@@ -150,22 +158,26 @@ def _launch_fwd(x, rois, ph, pw, spatial_scale):
                                                      default_config(block_p)))
     grid = (K, triton.cdiv(C, block["BLOCK_C"]))
     _roi_pool_fwd_kernel[grid](x, rois, out, argmax, x.shape[0], C, x.shape[2], x.shape[3], ph, pw,
-                               float(spatial_scale), *x.stride(), BIG=_BIG, BLOCK_P=block_p, **block, **opts)
+                               float(spatial_scale), *x.stride(), BIG=_BIG, BLOCK_P=block_p,
+                               ACC=_acc_dtype(x.dtype), **block, **opts)
     return out, argmax
 
 
 def _launch_bwd(grad, argmax, x, rois, ph, pw, deterministic):
     N, C, H, W = x.shape
     K = rois.shape[0]
-    acc = torch.zeros((N, C, H, W), dtype=torch.int64 if deterministic else torch.float32, device=x.device)
+    acc_dtype = torch.int64 if deterministic else (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    acc = torch.zeros((N, C, H, W), dtype=acc_dtype, device=x.device)
     fix = fixed_point_scale(grad, K * ph * pw) if deterministic else None
     if K > 0 and C > 0:
         block_p = triton.next_power_of_2(ph * pw)
         op = "roi_pool_bwd_det" if deterministic else "roi_pool_bwd"
-        block, opts = _config.launch_kwargs(_config.pick(op, f"p{block_p}", get_configs(), default_config(block_p)))
+        block, opts = _config.launch_kwargs(_config.pick(op, f"p{block_p}", get_configs(),
+                                                         default_config(block_p, backward=True)))
         grid = (K, triton.cdiv(C, block["BLOCK_C"]))
         _roi_pool_bwd_kernel[grid](acc, rois, grad, argmax, fix if deterministic else grad, N, C, H * W, ph, pw,
-                                   *grad.stride(), DETERMINISTIC=deterministic, BLOCK_P=block_p, **block, **opts)
+                                   *grad.stride(), DETERMINISTIC=deterministic, BLOCK_P=block_p,
+                                   ACC=_acc_dtype(x.dtype), **block, **opts)
     if deterministic:
         return from_fixed_point(acc, fix, x.dtype, grad)
     return acc.to(x.dtype)
@@ -173,22 +185,38 @@ def _launch_bwd(grad, argmax, x, rois, ph, pw, deterministic):
 
 # PyTorch fallback (CPU without the interpreter) ----------------------------------------------------
 def _torch_roi_pool(x, rois, ph, pw, spatial_scale):
+    """torchvision's compiled kernel where its behaviour is defined (finite boxes), else the vectorized code."""
+    if rois.shape[0] > 0 and x.shape[1] > 0 and _finite_boxes(rois, spatial_scale):
+        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        out, argmax = torch.ops.torchvision.roi_pool(x.to(cdt), rois.to(cdt), float(spatial_scale), ph, pw)
+        return out.to(x.dtype), argmax.to(torch.int32)
+    return _vectorized_roi_pool(x, rois, ph, pw, spatial_scale)
+
+
+def _finite_boxes(rois: torch.Tensor, spatial_scale: float) -> bool:
+    """Whether torchvision's kernel is safe here: it converts scaled coordinates to int (UB for NaN/inf).
+    Reads one bool (a sync, free on the CPU this path runs on)."""
+    return bool((rois[:, 1:].abs() * spatial_scale < _BIG).all())
+
+
+def _vectorized_roi_pool(x, rois, ph, pw, spatial_scale):
     N, C, H, W = x.shape
     K = rois.shape[0]
     dev = x.device
     if K == 0:
         return x.new_empty((0, C, ph, pw)), torch.empty((0, C, ph, pw), dtype=torch.int32, device=dev)
-    r = rois.float()
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    r = rois.to(cdt)
     b = r[:, 0].nan_to_num(0).clamp(0, N - 1).long()
     coords = r[:, 1:] * spatial_scale
     finite = coords.abs().lt(_BIG).all(dim=1)
     coords = torch.where(finite[:, None], coords, torch.zeros_like(coords))
     q = (torch.sign(coords) * torch.floor(coords.abs() + 0.5)).long()  # round half away from zero
     sw, sh, ew, eh = q.unbind(1)
-    bin_h = (eh - sh + 1).clamp_min(1).float() / ph
-    bin_w = (ew - sw + 1).clamp_min(1).float() / pw
-    ar_h = torch.arange(ph, device=dev, dtype=torch.float32)
-    ar_w = torch.arange(pw, device=dev, dtype=torch.float32)
+    bin_h = (eh - sh + 1).clamp_min(1).to(cdt) / ph
+    bin_w = (ew - sw + 1).clamp_min(1).to(cdt) / pw
+    ar_h = torch.arange(ph, device=dev, dtype=cdt)
+    ar_w = torch.arange(pw, device=dev, dtype=cdt)
     hs = (torch.floor(ar_h[None] * bin_h[:, None]).long() + sh[:, None]).clamp(0, H)
     he = (torch.ceil((ar_h[None] + 1) * bin_h[:, None]).long() + sh[:, None]).clamp(0, H)
     ws = (torch.floor(ar_w[None] * bin_w[:, None]).long() + sw[:, None]).clamp(0, W)
@@ -201,11 +229,11 @@ def _torch_roi_pool(x, rois, ph, pw, spatial_scale):
     ww = ws[:, :, None] + torch.arange(Bw, device=dev)  # [K, PW, Bw]
     inside = (hh < he[:, :, None])[:, :, :, None, None] & (ww < we[:, :, None])[:, None, None, :, :]
     cell = hh.clamp(max=H - 1)[:, :, :, None, None] * W + ww.clamp(max=W - 1)[:, None, None, :, :]
-    plane = x.reshape(N, C, H * W)[b].float()  # [K, C, HW]
+    plane = x.reshape(N, C, H * W)[b].to(cdt)  # [K, C, HW]
     vals = plane.gather(2, cell.reshape(K, 1, -1).expand(K, C, -1)).reshape(K, C, ph, Bh, pw, Bw)
     vals = vals.permute(0, 1, 2, 4, 3, 5).reshape(K, C, ph, pw, Bh * Bw)
     inside = inside.permute(0, 1, 3, 2, 4).reshape(K, 1, ph, pw, Bh * Bw)
-    lowest = torch.finfo(torch.float32).min  # torchvision's start value: NaN and -inf cells never win
+    lowest = torch.finfo(torch.float32).min  # torchvision's start value (-FLT_MAX): NaN and -inf cells never win
     takeable = inside & (vals > lowest)
     vals = torch.where(takeable, vals, torch.full_like(vals, lowest))
     best, pos = vals.max(dim=-1)  # first maximum, as torchvision's row-major scan
@@ -223,8 +251,9 @@ def _torch_roi_pool_bwd(grad, argmax, x, rois):
     valid = argmax >= 0
     dst = (b[:, None, None, None] * C + torch.arange(C, device=x.device)[None, :, None, None]) * (H * W) \
         + argmax.long().clamp_min(0)
-    acc = torch.zeros(N * C * H * W, dtype=torch.float32, device=x.device)
-    acc.index_add_(0, dst.reshape(-1), torch.where(valid, grad.float(), torch.zeros_like(grad, dtype=torch.float32)).reshape(-1))
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = torch.zeros(N * C * H * W, dtype=cdt, device=x.device)
+    acc.index_add_(0, dst.reshape(-1), torch.where(valid, grad.to(cdt), torch.zeros_like(grad, dtype=cdt)).reshape(-1))
     return acc.reshape(N, C, H, W).to(x.dtype)
 
 
@@ -232,10 +261,11 @@ def _torch_roi_pool_bwd(grad, argmax, x, rois):
 @torch.library.custom_op("maskrcnn_fast::roi_pool_forward", mutates_args=())
 def _roi_pool_forward(input: torch.Tensor, rois: torch.Tensor, pooled_h: int, pooled_w: int,
                       spatial_scale: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    rois = rois.float().contiguous()
-    if backend_for(rois) == "triton":
-        return _launch_fwd(input, rois, pooled_h, pooled_w, spatial_scale)
-    return _torch_roi_pool(input, rois, pooled_h, pooled_w, spatial_scale)
+    rois = rois.to(torch.float64 if input.dtype == torch.float64 else torch.float32).contiguous()
+    with no_autocast(rois.device):
+        if backend_for(rois) == "triton":
+            return _launch_fwd(input, rois, pooled_h, pooled_w, spatial_scale)
+        return _torch_roi_pool(input, rois, pooled_h, pooled_w, spatial_scale)
 
 
 @_roi_pool_forward.register_fake
@@ -247,10 +277,11 @@ def _(input, rois, pooled_h, pooled_w, spatial_scale, deterministic):
 @torch.library.custom_op("maskrcnn_fast::roi_pool_backward", mutates_args=())
 def _roi_pool_backward(grad: torch.Tensor, argmax: torch.Tensor, input: torch.Tensor, rois: torch.Tensor,
                        pooled_h: int, pooled_w: int, deterministic: bool) -> torch.Tensor:
-    rois = rois.float().contiguous()
-    if backend_for(rois) == "triton":
-        return _launch_bwd(grad, argmax.contiguous(), input, rois, pooled_h, pooled_w, deterministic)
-    return _torch_roi_pool_bwd(grad, argmax, input, rois)
+    rois = rois.to(torch.float64 if input.dtype == torch.float64 else torch.float32).contiguous()
+    with no_autocast(rois.device):
+        if backend_for(rois) == "triton":
+            return _launch_bwd(grad, argmax.contiguous(), input, rois, pooled_h, pooled_w, deterministic)
+        return _torch_roi_pool_bwd(grad, argmax, input, rois)
 
 
 @_roi_pool_backward.register_fake
@@ -291,24 +322,27 @@ def compile_specs() -> list[CompileSpec]:
     specs = []
     for i, cfg in enumerate(_CONFIGS):
         block, opts = _config.launch_kwargs(cfg)
-        for dtype in ("float32", "float16", "bfloat16") if i == 0 else ("bfloat16",):
+        for dtype in ("float32", "float16", "bfloat16", "float64") if i == 0 else ("bfloat16",):
             t = TORCH_TO_TRITON[dtype]
+            acc_t = "fp64" if dtype == "float64" else "fp32"
+            acc = _acc_dtype(getattr(torch, dtype))
             for block_p in (64, 256) if dtype == "bfloat16" else (64,):
-                const = dict(BIG=_BIG, BLOCK_P=block_p, **block)
-                sig = {"x_ptr": f"*{t}", "rois_ptr": "*fp32", "out_ptr": f"*{t}", "argmax_ptr": "*i32",
+                const = dict(BIG=_BIG, BLOCK_P=block_p, **block, ACC=acc)
+                sig = {"x_ptr": f"*{t}", "rois_ptr": f"*{acc_t}", "out_ptr": f"*{t}", "argmax_ptr": "*i32",
                        **{k: "i32" for k in ("N", "C", "H", "W", "PH", "PW")}, "spatial_scale": "fp32",
                        **{k: "i64" for k in ("s_n", "s_c", "s_h", "s_w")}, **{k: "constexpr" for k in const}}
                 tag = f"{dtype},P{block_p},C{block['BLOCK_C']},w{opts['num_warps']}"
                 used = cfg == default_config(block_p)
                 specs.append(CompileSpec(f"roi_pool_fwd[{tag}]", _roi_pool_fwd_kernel, sig, const,
                                          default=used, **opts))
+                used_bwd = cfg == default_config(block_p, backward=True)
                 for det in (False, True):
-                    bconst = dict(DETERMINISTIC=det, BLOCK_P=block_p, **block)
-                    bsig = {"acc_ptr": "*i64" if det else "*fp32", "rois_ptr": "*fp32", "grad_ptr": f"*{t}",
+                    bconst = dict(DETERMINISTIC=det, BLOCK_P=block_p, **block, ACC=acc)
+                    bsig = {"acc_ptr": "*i64" if det else f"*{acc_t}", "rois_ptr": f"*{acc_t}", "grad_ptr": f"*{t}",
                             "argmax_ptr": "*i32", "fix_scale_ptr": "*fp64" if det else f"*{t}",
                             **{k: "i32" for k in ("N", "C", "HW", "PH", "PW")},
                             **{k: "i64" for k in ("sg_k", "sg_c", "sg_h", "sg_w")},
                             **{k: "constexpr" for k in bconst}}
                     specs.append(CompileSpec(f"roi_pool_bwd[det{int(det)},{tag}]", _roi_pool_bwd_kernel, bsig,
-                                             bconst, default=used, **opts))
+                                             bconst, default=used_bwd, **opts))
     return specs

@@ -6,9 +6,19 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import class_mask_logits, mask_predictor_loss, sigmoid_bce_mask_loss
+from kernels._backend import InputError, InputTypeError
 
-# gradient tolerance, relative to the largest reference gradient element (loss: fp32 rounding only)
-GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+# loss tolerance (absolute and relative) against the float64 formula on the same rounded inputs: the
+# ops compute in fp32 for fp16/bf16/fp32 inputs, in fp64 for fp64 inputs
+LOSS_TOL = {torch.float16: 1e-5, torch.bfloat16: 1e-5, torch.float32: 1e-6, torch.float64: 1e-12}
+# gradient tolerance, relative to the largest reference gradient element (fp32/fp64: rounding only;
+# fp16/bf16: the rounding of the gradient to the input's dtype)
+GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7, torch.float64: 1e-12}
+
+
+def loss_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def backend(name):
@@ -17,9 +27,11 @@ def backend(name):
 
 def make_inputs(R, K, M, dtype=torch.float32, seed=0, soft=True):
     g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(R, K, M, M, generator=g) * 3).to(dtype)
+    logits = (torch.randn(R, K, M, M, generator=g, dtype=torch.float64) * 3).to(dtype)
     labels = torch.randint(0, K, (R,), generator=g)
-    targets = torch.rand(R, M, M, generator=g) if soft else (torch.rand(R, M, M, generator=g) > 0.5).float()
+    targets = torch.rand(R, M, M, generator=g, dtype=torch.float64)
+    targets = (targets if soft else (targets > 0.5).double()).to(torch.float64 if dtype == torch.float64
+                                                                  else torch.float32)
     return logits, labels, targets
 
 
@@ -62,17 +74,56 @@ def test_loss_and_grad_match_reference(impl, R, K, M):
     assert (x.grad[other] == 0).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("soft", [True, False])
-def test_half_precision_logits(dtype, soft):
-    logits, labels, targets = make_inputs(9, 3, 14, dtype=dtype, seed=3, soft=soft)
+def test_every_dtype_against_float64_formula(impl, dtype, soft):
+    """Targets in the logits' dtype; fp64 is computed in fp64 (to ~1e-12), the others in fp32."""
+    logits, labels, targets = make_inputs(9, 3, 7, dtype=dtype, seed=3, soft=soft)
+    targets = targets.to(dtype)
     x = logits.clone().requires_grad_()
-    loss = sigmoid_bce_mask_loss(x, labels, targets.to(dtype))
-    loss.backward(torch.tensor(2.5))
-    # the reference sees the same rounded inputs: what is left is fp32 vs fp64 maths + grad rounding
-    ref_loss, ref_grad = reference_loss(logits, labels, targets.to(dtype))
-    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-5, rtol=1e-5)
+    with backend(impl):
+        loss = sigmoid_bce_mask_loss(x, labels, targets)
+        loss.backward(torch.tensor(2.5, dtype=loss.dtype))
+    # the reference sees the same rounded inputs: what is left is the maths' precision + grad rounding
+    ref_loss, ref_grad = reference_loss(logits, labels, targets)
+    assert loss.dtype == loss_dtype(dtype) and loss.shape == ()
+    tol = LOSS_TOL[dtype]
+    torch.testing.assert_close(loss.double(), ref_loss, atol=tol, rtol=tol)
     check_grad(x.grad, 2.5 * ref_grad, dtype)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_float64_is_computed_in_float64(impl):
+    """Two sets of fp64 logits 1e-9 apart, which fp32 maths (or fp32 inputs) could not tell apart: the
+    fp64 losses differ as the fp64 formula's do. |x| >= 12 puts exp(-|x|) where fp32 uses a series."""
+    logits, labels, _ = make_inputs(3, 2, 5, dtype=torch.float64, seed=21)
+    logits = logits + torch.sign(logits) * 12
+    targets = torch.zeros(3, 5, 5, dtype=torch.float64)  # dloss/dx = sigmoid(x): the bump moves the loss
+    bumped = logits + 1e-9
+    with backend(impl):
+        a, b = (sigmoid_bce_mask_loss(x, labels, targets) for x in (logits, bumped))
+    ref_a, ref_b = (reference_loss(x, labels, targets)[0] for x in (logits, bumped))
+    torch.testing.assert_close(a, ref_a, atol=1e-13, rtol=1e-13)
+    torch.testing.assert_close(b - a, ref_b - ref_a, atol=1e-14, rtol=0)
+    assert 1e-11 < (b - a).abs() < 1e-9  # far below the ulp of a fp32 loss of this size
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_targets_in_another_dtype(impl, dtype):
+    """fp32 targets with fp16/fp64 logits, fp64 targets with fp32 logits: each is read at its precision
+    (fp32 targets are exact in fp64)."""
+    logits, labels, targets = make_inputs(4, 3, 7, dtype=dtype, seed=22)
+    for lg, tg in ((logits, targets.float()), (logits.float(), targets.double())):
+        x = lg.clone().requires_grad_()
+        with backend(impl):
+            loss = sigmoid_bce_mask_loss(x, labels, tg)
+            loss.backward()
+        ref_loss, ref_grad = reference_loss(lg, labels, tg.to(loss.dtype))
+        tol = LOSS_TOL[lg.dtype]
+        torch.testing.assert_close(loss.double(), ref_loss, atol=tol, rtol=tol)
+        check_grad(x.grad, ref_grad, lg.dtype)
 
 
 def test_fp32_targets_with_half_logits_and_noncontiguous_logits():
@@ -107,16 +158,17 @@ def test_extreme_logits_do_not_overflow(impl):
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_roi_weight_is_mean_over_weighted_rois(impl):
-    logits, labels, targets = make_inputs(7, 3, 7, seed=5)
-    weight = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_roi_weight_is_mean_over_weighted_rois(impl, dtype):
+    logits, labels, targets = make_inputs(7, 3, 7, dtype=dtype, seed=5)
+    weight = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0], dtype=dtype) * 0.7
     x = logits.clone().requires_grad_()
     with backend(impl):
         loss = sigmoid_bce_mask_loss(x, labels, targets, roi_weight=weight)
         loss.backward()
     ref_loss, ref_grad = reference_loss(logits, labels, targets, weight)
-    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-6, rtol=1e-6)
-    check_grad(x.grad, ref_grad, torch.float32)
+    torch.testing.assert_close(loss.double(), ref_loss, atol=LOSS_TOL[dtype], rtol=LOSS_TOL[dtype])
+    check_grad(x.grad, ref_grad, dtype)
     x.grad = None
     with backend(impl):
         zero = sigmoid_bce_mask_loss(x, labels, targets, roi_weight=torch.zeros(7))
@@ -125,12 +177,17 @@ def test_roi_weight_is_mean_over_weighted_rois(impl):
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_empty_rois(impl):
-    x = torch.randn(0, 81, 28, 28, requires_grad=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_rois(impl, dtype):
+    """R = 0: the loss is torchvision's ``mask_logits.sum() * 0`` and the gradient is all zeros."""
+    x = torch.randn(0, 81, 28, 28, dtype=dtype, requires_grad=True)
+    targets = torch.zeros(0, 28, 28, dtype=dtype)
     with backend(impl):
-        loss = sigmoid_bce_mask_loss(x, torch.zeros(0, dtype=torch.int64), torch.zeros(0, 28, 28))
+        loss = sigmoid_bce_mask_loss(x, torch.zeros(0, dtype=torch.int64), targets)
         loss.backward()
-    assert loss.item() == 0 and x.grad.shape == x.shape
+    assert loss.dtype == loss_dtype(dtype) and loss.shape == ()
+    assert loss.item() == (x.sum() * 0).item() == 0
+    assert x.grad.shape == x.shape and x.grad.dtype == dtype
 
 
 def test_no_grad_call_gives_the_same_loss():
@@ -159,7 +216,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(TypeError, match="labels"):
         sigmoid_bce_mask_loss(logits, labels.float(), targets)
     with pytest.raises(TypeError, match="mask_logits"):
-        sigmoid_bce_mask_loss(logits.double(), labels, targets)
+        sigmoid_bce_mask_loss(logits.to(torch.int32), labels, targets)
     with pytest.raises(ValueError, match="mask_targets"):
         sigmoid_bce_mask_loss(logits, labels, targets[:3])  # R mismatch
     with pytest.raises(ValueError, match="mask_targets"):
@@ -182,6 +239,68 @@ def test_bad_inputs_raise_clear_errors():
     assert torch.isfinite(sigmoid_bce_mask_loss(logits, labels, t, check_targets=False))
 
 
+def test_errors_are_ours_and_torchvisions():
+    """Bad shapes raise InputError (a ValueError), bad dtypes InputTypeError (a TypeError): both are
+    RuntimeErrors too, what torchvision raises."""
+    logits, labels, targets = make_inputs(4, 3, 7, seed=8)
+    features, weight, bias, plabels, ptargets = make_predictor(4, 5, 3, 7, seed=8)
+    bad_shape = [
+        lambda: sigmoid_bce_mask_loss(logits, labels, targets[:3]),
+        lambda: sigmoid_bce_mask_loss(logits[..., :6], labels, targets),
+        lambda: sigmoid_bce_mask_loss(logits, torch.tensor([0, 3, 1, 2]), targets),
+        lambda: sigmoid_bce_mask_loss(logits, labels, targets + 1),
+        lambda: mask_predictor_loss(features, weight, bias[:2], plabels, ptargets),
+        lambda: class_mask_logits(features, weight[:, :4], bias, plabels),
+    ]
+    for call in bad_shape:
+        with pytest.raises(InputError) as info:
+            call()
+        assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)
+    bad_type = [
+        lambda: sigmoid_bce_mask_loss(logits.to(torch.int32), labels, targets),
+        lambda: sigmoid_bce_mask_loss(logits, labels.int(), targets),
+        lambda: mask_predictor_loss(features, weight, bias, plabels, ptargets.long()),
+        lambda: class_mask_logits(features.long(), weight, bias, plabels),
+    ]
+    for call in bad_type:
+        with pytest.raises(InputTypeError) as info:
+            call()
+        assert isinstance(info.value, TypeError) and isinstance(info.value, RuntimeError)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("roi_weight", [False, True])
+def test_gradcheck_loss_float64(impl, roi_weight):
+    logits, labels, targets = make_inputs(3, 2, 5, dtype=torch.float64, seed=23)
+    rw = torch.tensor([0.5, 0.0, 2.0], dtype=torch.float64) if roi_weight else None
+    with backend(impl):
+        assert torch.autograd.gradcheck(lambda x: sigmoid_bce_mask_loss(x, labels, targets, roi_weight=rw),
+                                        (logits.requires_grad_(),))
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_loss_ignores_autocast(impl):
+    """CPU autocast to bf16 does not lower the precision inside the ops: bitwise the fp32 results."""
+    logits, labels, targets = make_inputs(5, 3, 7, seed=24)
+    features, weight, bias, plabels, ptargets = make_predictor(5, 6, 3, 7, seed=25)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (logits, features, weight, bias)]
+        with backend(impl):
+            a = sigmoid_bce_mask_loss(leaves[0], labels, targets)
+            b = mask_predictor_loss(*leaves[1:], plabels, ptargets)
+            c = class_mask_logits(features, weight, bias, plabels)
+            (a + b).backward()
+        return [a, b, c] + [t.grad for t in leaves]
+
+    plain = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = run()
+    for p, c in zip(plain, cast):
+        assert c.dtype == p.dtype == torch.float32
+        assert torch.equal(c, p)
+
+
 def test_loss_is_bitwise_reproducible():
     logits, labels, targets = make_inputs(7, 3, 14, seed=9)
     runs = []
@@ -197,12 +316,14 @@ def test_loss_is_bitwise_reproducible():
 # fused predictor + loss
 # ----------------------------------------------------------------------------------------------
 def make_predictor(R, C, K, M, dtype=torch.float32, seed=0):
+    """Features in ``dtype``; weight, bias and targets in fp32, or fp64 for fp64 features."""
     g = torch.Generator().manual_seed(seed)
-    features = torch.randn(R, C, M, M, generator=g).relu().to(dtype)
-    weight = torch.randn(K, C, 1, 1, generator=g) * 0.5
-    bias = torch.randn(K, generator=g)
+    param = torch.float64 if dtype == torch.float64 else torch.float32
+    features = torch.randn(R, C, M, M, generator=g, dtype=torch.float64).relu().to(dtype)
+    weight = (torch.randn(K, C, 1, 1, generator=g, dtype=torch.float64) * 0.5).to(param)
+    bias = torch.randn(K, generator=g, dtype=torch.float64).to(param)
     labels = torch.randint(0, K, (R,), generator=g)
-    targets = torch.rand(R, M, M, generator=g)
+    targets = torch.rand(R, M, M, generator=g, dtype=torch.float64).to(param)
     return features, weight, bias, labels, targets
 
 
@@ -255,14 +376,44 @@ def test_fused_predictor_half_features_weighted(dtype):
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_fused_predictor_empty_and_bad_inputs(impl):
-    f = torch.randn(0, 5, 7, 7, requires_grad=True)
-    w = torch.randn(3, 5, requires_grad=True)
-    b = torch.randn(3, requires_grad=True)
+def test_fused_predictor_float64(impl):
+    """fp64 features, weight and bias: loss and all three gradients to ~1e-12 of the fp64 formula."""
+    features, weight, bias, labels, targets = make_predictor(5, 7, 3, 7, dtype=torch.float64, seed=26)
+    f, w, b = (t.clone().requires_grad_() for t in (features, weight, bias))
     with backend(impl):
-        loss = mask_predictor_loss(f, w, b, torch.zeros(0, dtype=torch.int64), torch.zeros(0, 7, 7))
+        loss = mask_predictor_loss(f, w, b, labels, targets)
         loss.backward()
-    assert loss.item() == 0 and (w.grad == 0).all() and (b.grad == 0).all() and f.grad.shape == f.shape
+    ref_loss, ref_df, ref_dw, ref_db = reference_predictor(features, weight, bias, labels, targets)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, ref_loss, atol=1e-12, rtol=1e-12)
+    for ours, theirs in ((f.grad, ref_df), (w.grad, ref_dw), (b.grad, ref_db)):
+        check_grad(ours, theirs, torch.float64)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_gradcheck_fused_predictor_float64(impl):
+    features, weight, bias, labels, targets = make_predictor(2, 3, 2, 3, dtype=torch.float64, seed=27)
+    labels = torch.tensor([1, 0])
+    inputs = tuple(t.requires_grad_() for t in (features, weight, bias))
+    with backend(impl):
+        assert torch.autograd.gradcheck(lambda f, w, b: mask_predictor_loss(f, w, b, labels, targets), inputs)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_predictor_empty(impl, dtype):
+    param = loss_dtype(dtype)
+    f = torch.randn(0, 5, 7, 7, dtype=dtype, requires_grad=True)
+    w = torch.randn(3, 5, dtype=param, requires_grad=True)
+    b = torch.randn(3, dtype=param, requires_grad=True)
+    with backend(impl):
+        loss = mask_predictor_loss(f, w, b, torch.zeros(0, dtype=torch.int64), torch.zeros(0, 7, 7, dtype=param))
+        loss.backward()
+    assert loss.dtype == loss_dtype(dtype) and loss.item() == 0
+    assert (w.grad == 0).all() and (b.grad == 0).all() and f.grad.shape == f.shape and f.grad.dtype == dtype
+
+
+def test_fused_predictor_bad_inputs():
     features, weight, bias, labels, targets = make_predictor(3, 5, 3, 7, seed=12)
     with pytest.raises(ValueError, match="weight"):
         mask_predictor_loss(features, weight[:, :4], bias, labels, targets)
@@ -279,22 +430,24 @@ def test_fused_predictor_empty_and_bad_inputs(impl):
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_class_mask_logits_match_conv(impl, dtype):
     features, weight, bias, labels, _ = make_predictor(5, 13, 4, 7, dtype=dtype, seed=13)
     with backend(impl):
         ours = class_mask_logits(features, weight, bias, labels)
     ref = F.conv2d(features.double(), weight.double(), bias.double())[torch.arange(5), labels]
     assert ours.dtype == dtype and ours.shape == (5, 7, 7)
-    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    # relative to the largest logit: the rounding of the result to its dtype
+    tol = {torch.float64: 1e-14, torch.float32: 1e-5, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
     torch.testing.assert_close(ours.double(), ref, atol=tol * float(ref.abs().max()), rtol=0)
 
 
-def test_opcheck():
-    logits, labels, targets = make_inputs(3, 2, 7, seed=14)
-    features, weight, bias, plabels, ptargets = make_predictor(3, 5, 2, 7, seed=15)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(dtype):
+    logits, labels, targets = make_inputs(3, 2, 7, dtype=dtype, seed=14)
+    features, weight, bias, plabels, ptargets = make_predictor(3, 5, 2, 7, dtype=dtype, seed=15)
     w2 = weight.view(2, 5)
-    roi_weight = torch.tensor([1.0, 0.0, 1.0])
+    roi_weight = torch.tensor([1.0, 0.0, 1.0], dtype=dtype)
     ops = torch.ops.maskrcnn_fast
     cases = [
         (ops.sigmoid_bce_mask_loss.default, (logits.requires_grad_(), labels, targets, None, None, None, True)),

@@ -7,6 +7,7 @@ from torchvision.models.detection.roi_heads import project_masks_on_boxes as tv_
 
 import kernels
 from kernels import mask_targets_from_gt, project_masks_on_boxes
+from kernels._backend import InputError, InputTypeError
 
 
 def make_case(R, G, H, W, seed=0):
@@ -32,6 +33,20 @@ def test_matches_torchvision(impl, R, G, H, W, M):
     assert ((ref > 0) & (ref < 1)).any()  # soft values: real bilinear sampling was compared
 
 
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("mask_dtype", [torch.uint8, torch.float64])
+def test_float64_boxes_match_torchvision(impl, mask_dtype):
+    """float64 boxes give float64 targets, as torchvision's do. Their precision is kernels.roi_align's
+    for float64 input (fp32 maths when this was written): 1e-6 here, not 1e-12."""
+    masks, boxes, matched = make_case(5, 2, 21, 17, seed=10)
+    masks, boxes = masks.to(mask_dtype), boxes.double()
+    with kernels.use_backend(impl):
+        ours = project_masks_on_boxes(masks, boxes, matched, 7)
+    ref = tv_project(masks, boxes, matched, 7)
+    assert ours.dtype == ref.dtype == torch.float64
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+
+
 def test_float_masks_and_empty():
     masks, boxes, matched = make_case(5, 2, 17, 19, seed=3)
     torch.testing.assert_close(project_masks_on_boxes(masks.float(), boxes, matched, 7),
@@ -41,7 +56,14 @@ def test_float_masks_and_empty():
 
 
 def test_bad_inputs():
+    """InputError / InputTypeError: ValueError / TypeError, and RuntimeError (what torchvision raises)."""
     masks, boxes, matched = make_case(4, 2, 9, 9, seed=4)
+    with pytest.raises(InputError):
+        project_masks_on_boxes(masks, boxes, matched[:3], 7)
+    with pytest.raises(InputTypeError):
+        project_masks_on_boxes(masks, boxes.long(), matched, 7)
+    with pytest.raises(RuntimeError, match="M must"):
+        project_masks_on_boxes(masks, boxes, matched, 0)
     with pytest.raises(ValueError, match="batch index|matched"):
         project_masks_on_boxes(masks, boxes, torch.tensor([0, 1, 2, 0]), 7)
     with pytest.raises(ValueError, match="matched_idxs"):
@@ -84,6 +106,63 @@ def test_loss_with_targets_from_gt_matches_projected_targets(impl, mask_dtype, R
     ref_loss, ref_grad = reference_bce(logits, labels, tv_project(masks, boxes, matched, M))
     torch.testing.assert_close(loss.double(), ref_loss, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(x.grad.double(), ref_grad, atol=1e-5 * float(ref_grad.abs().max()), rtol=0)
+
+
+# precision of the loss with targets from gt, by logits dtype: the Triton kernels project in the loss's
+# compute dtype (fp64 for fp64 logits). The PyTorch backend materializes the targets with
+# kernels.roi_align, whose float64 path had fp32 maths when this was written: 1e-6 there.
+GT_LOSS_TOL = {("triton", torch.float64): 1e-12, ("torch", torch.float64): 1e-6,
+               ("triton", torch.float32): 1e-6, ("torch", torch.float32): 1e-6}
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("logits_dtype,boxes_dtype,mask_dtype", [
+    (torch.float64, torch.float64, torch.uint8), (torch.float64, torch.float32, torch.bool),
+    (torch.float64, torch.float64, torch.float64), (torch.float64, torch.float32, torch.float32),
+    (torch.float32, torch.float64, torch.uint8), (torch.float32, torch.float32, torch.float64)])
+def test_loss_with_targets_from_gt_float64(impl, logits_dtype, boxes_dtype, mask_dtype):
+    """float64 logits, boxes or masks, in any mix: float64 logits give a float64 loss computed in fp64."""
+    R, G, H, W, M, K = 5, 2, 29, 23, 7, 3
+    masks, boxes, matched = make_case(R, G, H, W, seed=11)
+    masks, boxes = masks.to(mask_dtype), boxes.to(boxes_dtype)
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(R, K, M, M, generator=g, dtype=torch.float64) * 3).to(logits_dtype)
+    labels = torch.randint(0, K, (R,), generator=g)
+    x = logits.clone().requires_grad_()
+    t = mask_targets_from_gt(masks, boxes, matched)
+    assert t.boxes.dtype == (torch.float64 if boxes_dtype == torch.float64 else torch.float32)
+    with kernels.use_backend(impl):
+        loss = kernels.sigmoid_bce_mask_loss(x, labels, t)
+        loss.backward()
+    assert loss.dtype == logits_dtype and x.grad.dtype == logits_dtype
+    # the reference projects the boxes the kernel sees (fp32 logits: boxes rounded to fp32) in fp64
+    seen = boxes.double() if logits_dtype == torch.float64 else boxes.float().double()
+    ref_loss, ref_grad = reference_bce(logits, labels, tv_project(masks.double(), seen, matched, M))
+    tol = GT_LOSS_TOL[impl, logits_dtype]
+    torch.testing.assert_close(loss.double(), ref_loss, atol=tol, rtol=tol)
+    torch.testing.assert_close(x.grad.double(), ref_grad, atol=10 * tol * float(ref_grad.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_fused_predictor_with_targets_from_gt_float64(impl):
+    masks, boxes, matched = make_case(4, 2, 19, 27, seed=12)
+    g = torch.Generator().manual_seed(4)
+    f = torch.randn(4, 5, 7, 7, generator=g, dtype=torch.float64).requires_grad_()
+    w = torch.randn(3, 5, generator=g, dtype=torch.float64).requires_grad_()
+    b = torch.randn(3, generator=g, dtype=torch.float64).requires_grad_()
+    labels = torch.randint(0, 3, (4,), generator=g)
+    with kernels.use_backend(impl):
+        loss = kernels.mask_predictor_loss(f, w, b, labels, mask_targets_from_gt(masks, boxes.double(), matched))
+        loss.backward()
+    fr, wr, br = (t.detach().requires_grad_() for t in (f, w, b))
+    logits = F.conv2d(fr, wr[:, :, None, None], br)[torch.arange(4), labels]
+    ref = F.binary_cross_entropy_with_logits(logits, tv_project(masks, boxes.double(), matched, 7))
+    ref.backward()
+    tol = GT_LOSS_TOL[impl, torch.float64]
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, ref.detach(), atol=tol, rtol=tol)
+    for ours, theirs in ((f.grad, fr.grad), (w.grad, wr.grad), (b.grad, br.grad)):
+        torch.testing.assert_close(ours, theirs, atol=10 * tol * float(theirs.abs().max()), rtol=0)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])

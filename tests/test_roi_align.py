@@ -217,7 +217,7 @@ def test_bad_inputs_raise_clearly():
     with pytest.raises(ValueError, match="last dimension 4"):
         roi_align(x, [torch.zeros(3, 5)], 2)
     with pytest.raises(TypeError, match="dtype"):
-        roi_align(x, good.half(), 2)
+        roi_align(x, good.long(), 2)
     with pytest.raises(TypeError, match="dtype"):
         roi_align(x.long(), good, 2)
     with pytest.raises(ValueError, match="one device"):
@@ -228,6 +228,93 @@ def test_bad_inputs_raise_clearly():
         roi_align(x[0], good, 2)
     with pytest.raises(ValueError, match="scales"):
         multiscale_roi_align([x, x[:, :, :4, :4]], good, 2, [0.25])
+
+
+# ---- drop-in conformance: what torchvision's own operator tests check, in our words ----------------
+BACKENDS = ["triton", "torch"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+def test_float64_forward_equals_torchvision_float64(backend, aligned, sampling_ratio):
+    x = torch.randn(2, 5, 11, 9, dtype=torch.float64)
+    boxes = make_boxes(7, 2, 11, 9, 0.5, seed=5).double()
+    with kernels.use_backend(backend):
+        ours = roi_align(x, boxes, (5, 3), 0.5, sampling_ratio, aligned)
+        pooled = roi_pool(x, boxes, (5, 3), 0.5)
+    assert ours.dtype == pooled.dtype == torch.float64
+    torch.testing.assert_close(ours, torchvision.ops.roi_align(x, boxes, (5, 3), 0.5, sampling_ratio, aligned),
+                               atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(pooled, torchvision.ops.roi_pool(x, boxes, (5, 3), 0.5), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["roi_align", "roi_align_det", "roi_pool", "multiscale"])
+def test_float64_gradcheck(backend, op):
+    torch.manual_seed(0)
+    x = torch.rand(2, 2, 4, 5, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor([[0, 0, 0, 3, 3], [0, 0.3, 1, 2, 3.5], [1, 2, 1.5, 4.5, 3]], dtype=torch.float64)
+    if op == "multiscale":
+        coarse = torch.rand(2, 2, 2, 3, dtype=torch.float64, requires_grad=True)
+        big = torch.tensor([[1, 0.0, 0.0, 30.0, 20.0]], dtype=torch.float64)  # maps to the coarse level
+        fn = lambda a, b: multiscale_roi_align([a, b], torch.cat([rois, big]), 2, [1.0, 0.5], 2,  # noqa: E731
+                                               canonical_scale=8, canonical_level=1)
+        inputs = (x, coarse)
+    elif op == "roi_pool":
+        fn, inputs = (lambda a: roi_pool(a, rois, 2, 1.0)), (x,)
+    else:
+        fn = lambda a: roi_align(a, rois, 2, 1.0, 1, deterministic=op.endswith("det"))  # noqa: E731
+        inputs = (x,)
+    with kernels.use_backend(backend):
+        # the interpreter runs each kernel program in Python: fast mode (random projections) keeps it short
+        assert torch.autograd.gradcheck(fn, inputs, atol=1e-5, fast_mode=backend == "triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_keeps_fp32_exact_and_accepts_mixed_box_dtypes(backend):
+    x = torch.randn(2, 6, 10, 10)
+    boxes = make_boxes(9, 2, 10, 10, 1.0, seed=6)
+    ref = torchvision.ops.roi_align(x, boxes, 5, 1.0, -1, True)
+    with kernels.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = roi_align(x, boxes, 5, 1.0, -1, True)
+        mixed = roi_align(x, boxes.bfloat16(), 5, 1.0, -1, True)  # bf16 boxes, fp32 features
+        pooled = roi_pool(x, boxes.half(), 3)
+    assert ours.dtype == mixed.dtype == pooled.dtype == torch.float32
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed, torchvision.ops.roi_align(x, boxes.bfloat16().float(), 5, 1.0, -1, True),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pooled, torchvision.ops.roi_pool(x, boxes.half().float(), 3), atol=0, rtol=0)
+
+
+def test_errors_are_ours_and_torchvisions():
+    a = torch.linspace(1, 64, 64).reshape(1, 1, 8, 8)
+    for call in (lambda: roi_align(a, torch.tensor([[0.0, 0, 3, 3]]), (2, 2)),   # [K,4] tensor: no batch column
+                 lambda: roi_pool(a, torch.tensor([[0.0, 0, 3, 3]]), (2, 2)),
+                 lambda: roi_pool(a, [torch.tensor([[0.0, 0, 3]])], (2, 2))):   # list entry of width 3
+        with pytest.raises(AssertionError) as err:
+            call()
+        assert isinstance(err.value, ValueError)
+    with pytest.raises(RuntimeError) as err:
+        roi_align(a.long(), torch.tensor([[0.0, 0, 0, 3, 3]]), 2)
+    assert isinstance(err.value, TypeError)
+    with pytest.raises(RuntimeError) as err:
+        roi_align(a, torch.tensor([[1.0, 0, 0, 3, 3]]), 2)  # batch index out of range
+    assert isinstance(err.value, ValueError)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_empty_boxes_give_empty_output_and_zero_grad(backend, dtype):
+    x = torch.randn(2, 4, 6, 6, dtype=dtype, requires_grad=True)
+    with kernels.use_backend(backend):
+        for fn in (lambda b: roi_align(x, b, 3), lambda b: roi_pool(x, b, 3),
+                   lambda b: multiscale_roi_align([x, x[:, :, ::2, ::2]], b, 3, [1.0, 0.5])):
+            for boxes in (torch.zeros(0, 5, dtype=dtype), [torch.zeros(0, 4, dtype=dtype)] * 2):
+                out = fn(boxes)
+                assert out.shape == (0, 4, 3, 3) and out.dtype == dtype
+                (grad,) = torch.autograd.grad(out.sum(), x)
+                assert grad.shape == x.shape and not grad.any()
 
 
 def test_opcheck_and_compile():
