@@ -134,6 +134,12 @@ class MaskRCNN(nn.Module):
             valid[i, :n] = True
             m = F.interpolate(t["masks"][:, None].to(device).float(), size=(h, w))[:, 0].byte()
             masks[i, :n, :h, :w] = m
+            # RoIAlign samples up to the image's edge (x <= w) and there reads column w-1 of torchvision's
+            # unpadded mask; one replicated row and column make the padded batch give the same targets
+            if w < padded_hw[1]:
+                masks[i, :n, :h, w] = m[:, :, w - 1]
+            if h < padded_hw[0]:
+                masks[i, :n, h, :w + 1] = masks[i, :n, h - 1, :w + 1]
         return {"boxes": boxes, "labels": labels, "valid": valid, "masks": masks}
 
 

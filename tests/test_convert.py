@@ -105,9 +105,12 @@ def test_detections_equal_torchvision_on_photographs(tv_model):
     assert total >= 60, "too few detections to compare: spread the scores more"
 
 
-def test_training_losses_equal_torchvision_when_sampling_takes_everything():
+@pytest.mark.parametrize("edge_objects", [False, True])
+def test_training_losses_equal_torchvision_when_sampling_takes_everything(edge_objects):
     """With batch sizes above the candidate counts and positive fraction 1, both samplers take every
-    positive and negative, so the training losses are deterministic and must agree."""
+    positive and negative, so the training losses are deterministic and must agree. With
+    ``edge_objects``, objects touch the bottom/right edge of images that are padded in the batch: their
+    mask targets must be sampled from the image's own mask, as torchvision does, not from the padding."""
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
     from torchvision.ops.misc import FrozenBatchNorm2d
     from test_model import make_batch
@@ -125,6 +128,11 @@ def test_training_losses_equal_torchvision_when_sampling_takes_everything():
     ours = from_torchvision(tv)
     assert ours.training
     images, targets = make_batch()
+    if edge_objects:
+        from test_model import _target
+        # image 0 is 64x80 (padded in height), image 1 is 72x64 (padded in width)
+        targets = [_target(64, 80, [[30, 20, 80, 64], [5, 6, 40, 50]], [1, 3]),
+                   _target(72, 64, [[20, 30, 64, 72]], [4])]
     with torch.no_grad():
         expected = tv(images, targets)
         with kernels.use_backend("torch"):
