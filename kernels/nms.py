@@ -1,16 +1,19 @@
-"""Non-maximum suppression on the device: an IoU bitmask kernel and a greedy reduction kernel.
+"""Non-maximum suppression: Triton kernels (an IoU bitmask and a greedy reduction), and a CPU backend on
+torchvision's compiled NMS.
 
 Maths (torchvision's exact rule)
     Boxes are visited in decreasing score order (a stable sort, so ties keep input order).
     Box i is kept unless an earlier kept box j of the same class (or image) has
         IoU(i, j) = inter / (area_i + area_j - inter) > iou_threshold,
         inter = max(0, min(x2) - max(x1)) * max(0, min(y2) - max(y1)),  area = (x2 - x1) * (y2 - y1),
-    all in fp32 (fp16/bf16 boxes are up-cast in registers).
+    in fp32 (fp16/bf16 boxes are up-cast in registers), or in fp64 for fp64 boxes. The threshold is rounded
+    to fp32, as torchvision's CUDA kernel takes it (its CPU kernel compares with the double instead; the two
+    differ only for an IoU lying between the double and its fp32 rounding). Autocast changes none of this.
     Defined behaviour: NaN scores are treated as -inf; -inf scores mark padding and are never kept;
     boxes with a non-finite coordinate never suppress and are never suppressed; x2 < x1 gives the
     formula's value (IoU <= 0), as torchvision.
 
-Kernels
+Kernels (CUDA; CPU under TRITON_INTERPRET=1)
     1. ``_nms_mask_kernel``: for every image and every pair of 64-box tiles on or above the diagonal,
        one bit per (i, j>i) pair: mask[b, i, j // 64] bit j % 64 = "i suppresses j". The lower
        triangle is never computed.
@@ -19,21 +22,41 @@ Kernels
        kept boxes, ORs the kept rows of the later words into the removed bitset, and stops as soon as
        ``max_output`` boxes are kept. Output: fixed-size ``keep[B, max_output]`` (-1 padded) and
        ``num_kept[B]``, so nothing ever syncs with the host.
+    fp64 boxes use 32-row tiles (``_F64_CONFIG``): a 64 x 64 fp64 IoU tile spills registers.
 
-Bytes moved, per image with N boxes (W = ceil(N / 64) words)
+Bytes moved, per image with N boxes (W = ceil(N / 64) words, e = 2, 4 or 8 bytes per coordinate)
     mask kernel  : reads N * (4 * e + 4 + 4) (boxes, class ids, validity) once per tile row/column,
                    writes N * W * 8 / 2 bytes (upper triangle of the N x N / 8 bitmask)
     reduce kernel: reads at most the same upper triangle (less with the early stop), writes
                    max_output * 8 + W * 8 (keep list + removed bitset)
+
+CPU backend (``_torch_nms``: CPU without the interpreter, or ``kernels.use_backend("torch")``)
+    ``torchvision.ops.nms`` once per image, on inputs rewritten so that its greedy loop follows the rule
+    above: the boxes are already in our order, and strictly decreasing stand-in scores
+    (-position) keep torchvision's own sort from reordering ties; boxes that take no part (a non-finite
+    coordinate, padding) become all-NaN boxes, whose IoU with anything is NaN, never above the threshold.
+    With class ids every class is moved along x into a strip of its own (dense class rank r: shift
+    r * (2 * span + 1), span = the image's extent of finite x), so boxes of different classes are
+    disjoint (IoU 0 or NaN). The shift is done in fp64 so that it does not round fp32 coordinates of
+    ordinary size; the IoU is then computed in fp64, which changes a decision only for an fp32 IoU within
+    rounding of the threshold. (One call also compares boxes across classes, at IoU 0: torchvision's own
+    batched_nms loops over the classes instead above 1000 boxes, with host syncs.) A negative threshold with class ids (disjoint boxes, IoU 0, would suppress each other)
+    runs the rule straight from its definition instead, slowly. Padding positions are dropped after
+    the call, so no data-dependent length is read on the host.
 """
 from __future__ import annotations
 
+import numbers
+
+import numpy as np
 import torch
+import torchvision
 import triton
 import triton.language as tl
 
 from kernels import _config
-from kernels._backend import backend_for, check_same_device, check_tensor, FLOAT_DTYPES
+from kernels._backend import (FLOAT_DTYPES, InputError, InputTypeError, backend_for, check_same_device,
+                              check_tensor, no_autocast)
 from kernels._compile import TORCH_TO_TRITON, CompileSpec
 
 WORD = 64
@@ -56,14 +79,16 @@ def _nms_mask_kernel(
         bj = boxes_ptr + (b * N + j) * 4
         mi = i < N
         mj = j < N
-        x1i = tl.load(bi + 0, mask=mi, other=0.0).to(tl.float32)
-        y1i = tl.load(bi + 1, mask=mi, other=0.0).to(tl.float32)
-        x2i = tl.load(bi + 2, mask=mi, other=0.0).to(tl.float32)
-        y2i = tl.load(bi + 3, mask=mi, other=0.0).to(tl.float32)
-        x1j = tl.load(bj + 0, mask=mj, other=0.0).to(tl.float32)
-        y1j = tl.load(bj + 1, mask=mj, other=0.0).to(tl.float32)
-        x2j = tl.load(bj + 2, mask=mj, other=0.0).to(tl.float32)
-        y2j = tl.load(bj + 3, mask=mj, other=0.0).to(tl.float32)
+        # fp32 maths (fp16/bf16 up-cast), fp64 for fp64 boxes (the fp32 threshold converts exactly)
+        ct = tl.float64 if boxes_ptr.dtype.element_ty == tl.float64 else tl.float32
+        x1i = tl.load(bi + 0, mask=mi, other=0.0).to(ct)
+        y1i = tl.load(bi + 1, mask=mi, other=0.0).to(ct)
+        x2i = tl.load(bi + 2, mask=mi, other=0.0).to(ct)
+        y2i = tl.load(bi + 3, mask=mi, other=0.0).to(ct)
+        x1j = tl.load(bj + 0, mask=mj, other=0.0).to(ct)
+        y1j = tl.load(bj + 1, mask=mj, other=0.0).to(ct)
+        x2j = tl.load(bj + 2, mask=mj, other=0.0).to(ct)
+        y2j = tl.load(bj + 3, mask=mj, other=0.0).to(ct)
         area_i = (x2i - x1i) * (y2i - y1i)
         area_j = (x2j - x1j) * (y2j - y1j)
         w = tl.maximum(tl.minimum(x2i[:, None], x2j[None, :]) - tl.maximum(x1i[:, None], x1j[None, :]), 0.0)
@@ -135,25 +160,50 @@ _CONFIGS = [
 ]
 
 
+# fp64 boxes: a fixed half-height IoU tile (a 64 x 64 fp64 tile spills even at 8 warps); reduce as _CONFIGS[0]
+_F64_CONFIG = {"BLOCK_ROWS": 32, "BLOCK_W": 64, "num_warps": 8, "num_stages": 1}
+
+
 def get_configs() -> list[dict]:
     return _config.collapse(_CONFIGS)
+
+
+def _threshold(iou_threshold) -> float:
+    try:
+        if isinstance(iou_threshold, (numbers.Real, torch.Tensor)):
+            return float(iou_threshold)
+    except (TypeError, ValueError, RuntimeError):
+        pass
+    raise InputTypeError(f"iou_threshold must be a real number, got {iou_threshold!r}")
+
+
+def _fp32(x: float) -> float:
+    """``x`` rounded to the nearest fp32 (how the kernels receive the threshold)."""
+    with np.errstate(over="ignore"):
+        return float(np.float32(x))
+
+
+def _check_idxs_dtype(idxs):
+    if idxs.dtype.is_floating_point or idxs.dtype.is_complex or idxs.dtype == torch.bool:
+        raise InputTypeError(f"idxs must be an integer tensor, got {idxs.dtype}")
 
 
 def _check(boxes, scores, idxs, max_output):
     check_tensor(boxes, "boxes", ndim=3, last_dim=4, dtypes=FLOAT_DTYPES)
     check_tensor(scores, "scores", ndim=2, dtypes=FLOAT_DTYPES)
     if scores.shape != boxes.shape[:2]:
-        raise ValueError(f"scores must be [B,N] = {tuple(boxes.shape[:2])}, got {tuple(scores.shape)}")
+        raise InputError(f"scores must be [B,N] = {tuple(boxes.shape[:2])}, got {tuple(scores.shape)}")
     check_same_device(boxes=boxes, scores=scores)
     if idxs is not None:
         check_tensor(idxs, "idxs", ndim=2)
-        if idxs.dtype.is_floating_point or idxs.dtype == torch.bool:
-            raise TypeError(f"idxs must be an integer tensor, got {idxs.dtype}")
+        _check_idxs_dtype(idxs)
         if idxs.shape != scores.shape:
-            raise ValueError(f"idxs must be [B,N] = {tuple(scores.shape)}, got {tuple(idxs.shape)}")
+            raise InputError(f"idxs must be [B,N] = {tuple(scores.shape)}, got {tuple(idxs.shape)}")
         check_same_device(boxes=boxes, idxs=idxs)
-    if not isinstance(max_output, int) or max_output < 1:
-        raise ValueError(f"max_output must be an int >= 1, got {max_output!r}")
+    if not isinstance(max_output, numbers.Integral):
+        raise InputTypeError(f"max_output must be an int >= 1, got {max_output!r}")
+    if max_output < 1:
+        raise InputError(f"max_output must be an int >= 1, got {max_output!r}")
 
 
 def _sorted_inputs(boxes, scores, idxs):
@@ -175,7 +225,7 @@ def _launch(boxes, cls, n_valid, iou_threshold, max_output):
     count = torch.zeros(B, dtype=torch.int64, device=dev)
     if N == 0 or B == 0:
         return keep, count
-    cfg = _config.pick("nms", "all", get_configs())
+    cfg = _F64_CONFIG if boxes.dtype == torch.float64 else _config.pick("nms", "all", get_configs())
     meta, opts = _config.launch_kwargs(cfg)
     mask = torch.empty((B, N, W), dtype=torch.int64, device=dev)
     removed = torch.zeros((B, W), dtype=torch.int64, device=dev)
@@ -188,54 +238,84 @@ def _launch(boxes, cls, n_valid, iou_threshold, max_output):
     return keep, count
 
 
-def _torch_nms(boxes, cls, n_valid, iou_threshold, max_output):
-    """Vectorized PyTorch greedy NMS over the batch (CPU backend); same maths, no host sync."""
-    B, N = boxes.shape[:2]
-    dev = boxes.device
-    keep = torch.full((B, max_output), -1, dtype=torch.int64, device=dev)
-    if N == 0:
-        return keep, torch.zeros(B, dtype=torch.int64, device=dev)
-    bx = boxes.float()
+def _separate_classes(bx, cls):
+    """Shift each class's boxes along x into a strip of its own (see the module docstring), sync-free.
+
+    ``bx [B,N,4]`` fp64 with all-NaN boxes for those that take no part; ``cls [B,N]`` class ids."""
+    ids, perm = cls.sort(1)
+    starts = torch.ones_like(ids, dtype=torch.int64)  # 1 where a new class id begins in sorted order
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    rank = torch.empty_like(starts).scatter_(1, perm, starts.cumsum(1) - 1)  # dense rank 0, 1, 2, ...
+    x = bx[..., 0::2].nan_to_num(0.0)
+    stride = 2 * (x.amax((1, 2)) - x.amin((1, 2))) + 1  # the gap between strips (span + 1) outlasts rounding
+    shift = rank.to(bx.dtype) * stride[:, None]
+    return bx + torch.stack([shift, torch.zeros_like(shift)] * 2, -1)
+
+
+def _greedy_by_definition(bx, cls, live, iou_threshold):
+    """Kept mask ``[B,N]`` straight from the rule (an N x N suppression matrix, then N steps).
+
+    Only for a negative threshold with class ids, where strips cannot separate the classes."""
     x1, y1, x2, y2 = bx.unbind(-1)
     area = (x2 - x1) * (y2 - y1)
     w = (torch.minimum(x2[:, :, None], x2[:, None]) - torch.maximum(x1[:, :, None], x1[:, None])).clamp_min(0)
     h = (torch.minimum(y2[:, :, None], y2[:, None]) - torch.maximum(y1[:, :, None], y1[:, None])).clamp_min(0)
     inter = w * h
-    iou = inter / (area[:, :, None] + area[:, None] - inter)
-    finite = torch.isfinite(bx).all(-1)
-    ar = torch.arange(N, device=dev)
-    sup = (iou > iou_threshold) & (ar[None, None] > ar[None, :, None]) & (ar < n_valid[:, None])[:, None]
-    sup &= finite[:, :, None] & finite[:, None]
-    if cls is not None:
-        sup &= cls[:, :, None] == cls[:, None]
-    removed = torch.zeros(B, N, dtype=torch.bool, device=dev)
-    kept = torch.zeros(B, N, dtype=torch.bool, device=dev)
-    count = torch.zeros(B, dtype=torch.int64, device=dev)
-    for i in range(N):
-        alive = ~removed[:, i] & (i < n_valid) & (count < max_output)
-        kept[:, i] = alive
-        removed |= alive[:, None] & sup[:, i]
-        count += alive
-    # kept positions in order, written into the fixed-size output without a sync
-    slot = torch.where(kept, kept.cumsum(1) - 1, torch.full_like(ar[None].expand(B, N), max_output))
-    keep_ext = torch.full((B, max_output + 1), -1, dtype=torch.int64, device=dev)
-    keep_ext.scatter_(1, slot, ar[None].expand(B, N).clone())
-    keep_ext[:, max_output] = -1
-    return keep_ext[:, :max_output].contiguous(), count
+    sup = inter / (area[:, :, None] + area[:, None] - inter) > iou_threshold  # sup[b, i, j]: i suppresses j
+    sup &= (cls[:, :, None] == cls[:, None]) & live[:, :, None] & live[:, None]
+    kept = torch.zeros_like(live)
+    for j in range(live.shape[1]):
+        kept[:, j] = ~(kept[:, :j] & sup[:, :j, j]).any(1)
+    return kept
+
+
+def _torch_nms(boxes, cls, n_valid, iou_threshold, max_output):
+    """CPU backend: ``torchvision.ops.nms`` once per image, fed so that it follows our rule (module docstring).
+
+    ``boxes [B,N,4]`` / ``cls [B,N]`` are sorted (``_sorted_inputs``), ``n_valid [B]`` counts the finite
+    scores, ``iou_threshold`` is already an fp32 value. Returns kept positions in order then -1
+    ``[B,max_output]``, and their count ``[B]``. No host sync as the dispatcher sees it: the loop runs over
+    the B images and only tensor shapes reach Python. On CUDA torchvision's nms would itself sync for its
+    output length; CUDA tensors always run the Triton kernels instead.
+    """
+    B, N = boxes.shape[:2]
+    dev = boxes.device
+    pos = torch.arange(N, device=dev)
+    live = torch.isfinite(boxes).all(-1) & (pos < n_valid[:, None])  # the boxes that take part
+    keep = torch.full((B, max_output), -1, dtype=torch.int64, device=dev)
+    f64 = boxes.dtype == torch.float64
+    if cls is not None and iou_threshold < 0:
+        kept = _greedy_by_definition(boxes.to(torch.float64 if f64 else torch.float32), cls, live, iou_threshold)
+        slot = torch.where(kept, kept.cumsum(1) - 1, max_output).clamp_max(max_output)
+        spill = torch.full((B, max_output + 1), -1, dtype=torch.int64, device=dev)
+        keep = spill.scatter_(1, slot, pos.expand(B, N))[:, :max_output]  # column max_output is a spill bin
+    else:
+        dtype = torch.float64 if f64 or cls is not None else torch.float32
+        bx = torch.where(live[..., None], boxes.to(dtype), float("nan"))
+        if cls is not None:
+            bx = _separate_classes(bx, cls)
+        stand_in = -pos.to(dtype)  # strictly decreasing scores (exact up to 2**24 boxes in fp32): our order
+        for b in range(B):
+            kept = torchvision.ops.nms(bx[b], stand_in, iou_threshold)[:max_output]
+            keep[b, :kept.shape[0]] = kept
+    # padding boxes never suppress (NaN or not live) and come last: drop them from the end of each row
+    keep = torch.where(keep < n_valid[:, None], keep, -1)
+    return keep, (keep >= 0).sum(1)
 
 
 @torch.library.custom_op("maskrcnn_fast::nms_padded", mutates_args=())
 def _nms_padded(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor | None, iou_threshold: float,
                 max_output: int) -> tuple[torch.Tensor, torch.Tensor]:
     B, N = scores.shape
-    if N == 0:
-        return (torch.full((B, max_output), -1, dtype=torch.int64, device=boxes.device),
-                torch.zeros(B, dtype=torch.int64, device=boxes.device))
-    order, boxes_s, cls_s, n_valid = _sorted_inputs(boxes, scores, idxs)
-    run = _launch if backend_for(boxes) == "triton" else _torch_nms
-    pos, count = run(boxes_s, cls_s, n_valid, iou_threshold, max_output)
-    keep = torch.where(pos >= 0, order.gather(1, pos.clamp_min(0)), pos)
-    return keep, count
+    with no_autocast(boxes.device):
+        if N == 0:
+            return (torch.full((B, max_output), -1, dtype=torch.int64, device=boxes.device),
+                    torch.zeros(B, dtype=torch.int64, device=boxes.device))
+        order, boxes_s, cls_s, n_valid = _sorted_inputs(boxes, scores, idxs)
+        run = _launch if backend_for(boxes) == "triton" else _torch_nms
+        pos, count = run(boxes_s, cls_s, n_valid, _fp32(iou_threshold), max_output)
+        keep = torch.where(pos >= 0, order.gather(1, pos.clamp_min(0)), pos)
+        return keep, count
 
 
 @_nms_padded.register_fake
@@ -252,19 +332,22 @@ def nms_padded(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, 
     Returns ``keep [B,max_output]`` int64 (indices into N, by decreasing score, -1 padded) and
     ``num_kept [B]``. Per image, ``keep[b, :num_kept[b]]`` equals torchvision's ``batched_nms``
     (or ``nms``) truncated to ``max_output``. See the module docstring for NaN/inf/-inf behaviour.
+    Bad input raises :class:`~kernels.InputError` (a ValueError and a RuntimeError) or
+    :class:`~kernels.InputTypeError` (a TypeError and a RuntimeError).
     """
     _check(boxes, scores, idxs, max_output)
-    return _nms_padded(boxes, scores, idxs, float(iou_threshold), int(max_output))
+    return _nms_padded(boxes, scores, idxs, _threshold(iou_threshold), int(max_output))
 
 
 @torch.library.custom_op("maskrcnn_fast::batched_nms", mutates_args=())
 def _batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor | None,
                  iou_threshold: float) -> torch.Tensor:
     N = boxes.shape[0]
-    if N == 0:
-        return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    keep, count = _nms_padded(boxes[None], scores[None], None if idxs is None else idxs[None], iou_threshold, N)
-    return keep[0, :int(count[0])].clone()  # the drop-in API's output length is data-dependent: one sync
+    with no_autocast(boxes.device):
+        if N == 0:
+            return torch.empty(0, dtype=torch.int64, device=boxes.device)
+        keep, count = _nms_padded(boxes[None], scores[None], None if idxs is None else idxs[None], iou_threshold, N)
+        return keep[0, :int(count[0])].clone()  # the drop-in API's output length is data-dependent: one sync
 
 
 @_batched_nms.register_fake
@@ -276,45 +359,52 @@ def _check_flat(boxes, scores, idxs=None):
     check_tensor(boxes, "boxes", ndim=2, last_dim=4, dtypes=FLOAT_DTYPES)
     check_tensor(scores, "scores", ndim=1, dtypes=FLOAT_DTYPES)
     if scores.shape[0] != boxes.shape[0]:
-        raise ValueError(f"scores must have {boxes.shape[0]} entries, got {scores.shape[0]}")
+        raise InputError(f"scores must have {boxes.shape[0]} entries, got {scores.shape[0]}")
     check_same_device(boxes=boxes, scores=scores)
     if idxs is not None:
         check_tensor(idxs, "idxs", ndim=1)
         if idxs.shape[0] != boxes.shape[0]:
-            raise ValueError(f"idxs must have {boxes.shape[0]} entries, got {idxs.shape[0]}")
-        if idxs.dtype.is_floating_point or idxs.dtype == torch.bool:
-            raise TypeError(f"idxs must be an integer tensor, got {idxs.dtype}")
+            raise InputError(f"idxs must have {boxes.shape[0]} entries, got {idxs.shape[0]}")
+        _check_idxs_dtype(idxs)
         check_same_device(boxes=boxes, idxs=idxs)
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """Drop-in for ``torchvision.ops.nms``: kept indices by decreasing score (syncs once for the length)."""
     _check_flat(boxes, scores)
-    return _batched_nms(boxes, scores, None, float(iou_threshold))
+    return _batched_nms(boxes, scores, None, _threshold(iou_threshold))
 
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """Drop-in for ``torchvision.ops.batched_nms``: NMS independently per category, one launch set."""
+    """Drop-in for ``torchvision.ops.batched_nms``: NMS independently per category, one launch set.
+
+    Empty ``boxes`` give an empty int64 tensor without looking at the other arguments, as torchvision."""
+    if isinstance(boxes, torch.Tensor) and boxes.numel() == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
     _check_flat(boxes, scores, idxs)
-    return _batched_nms(boxes, scores, idxs, float(iou_threshold))
+    return _batched_nms(boxes, scores, idxs, _threshold(iou_threshold))
 
 
 def compile_specs() -> list[CompileSpec]:
-    specs = []
-    for i, cfg in enumerate(_CONFIGS):
+    def mask_specs(cfg, dtypes, default):
         meta, opts = _config.launch_kwargs(cfg)
-        for dtype in ("float32", "float16", "bfloat16") if i == 0 else ("float32",):
+        for dtype in dtypes:
             for has_cls in (False, True):
                 const = {"HAS_CLASSES": has_cls, "BLOCK_ROWS": meta["BLOCK_ROWS"]}
                 sig = {"boxes_ptr": f"*{TORCH_TO_TRITON[dtype]}", "cls_ptr": "*i32", "nvalid_ptr": "*i32",
                        "mask_ptr": "*i64", "N": "i32", "W": "i32", "iou_threshold": "fp32",
                        **{k: "constexpr" for k in const}}
-                specs.append(CompileSpec(f"nms_mask[{dtype},cls{int(has_cls)},R{meta['BLOCK_ROWS']},"
-                                         f"w{opts['num_warps']}]", _nms_mask_kernel, sig, const,
-                                         default=i == 0, **opts))
+                yield CompileSpec(f"nms_mask[{dtype},cls{int(has_cls)},R{meta['BLOCK_ROWS']},w{opts['num_warps']}]",
+                                  _nms_mask_kernel, sig, const, default=default, **opts)
+
+    specs = []
+    for i, cfg in enumerate(_CONFIGS):
+        specs += mask_specs(cfg, ("float32", "float16", "bfloat16") if i == 0 else ("float32",), default=i == 0)
+        meta, opts = _config.launch_kwargs(cfg)
         const = {"BLOCK_W": meta["BLOCK_W"]}
         sig = {"mask_ptr": "*i64", "nvalid_ptr": "*i32", "removed_ptr": "*i64", "keep_ptr": "*i64",
                "count_ptr": "*i64", "N": "i32", "W": "i32", "max_output": "i32", "BLOCK_W": "constexpr"}
         specs.append(CompileSpec(f"nms_reduce[W{meta['BLOCK_W']},w{opts['num_warps']}]", _nms_reduce_kernel,
                                  sig, const, default=i == 0, **opts))
+    specs += mask_specs(_F64_CONFIG, ("float64",), default=True)  # its reduce kernel is _CONFIGS[0]'s
     return specs

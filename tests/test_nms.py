@@ -1,4 +1,8 @@
-"""NMS, batched NMS and the sync-free padded form against torchvision (Triton interpreter on CPU)."""
+"""NMS, batched NMS and the sync-free padded form against torchvision and across backends.
+
+A test taking the ``backend`` fixture runs once per backend: "triton" (the kernels, in Triton's
+interpreter on CPU) and "torch" (the CPU backend built on torchvision's compiled nms).
+"""
 import importlib
 
 import pytest
@@ -8,6 +12,14 @@ import torchvision
 import kernels
 from kernels import batched_nms, nms, nms_padded
 from maskrcnn_fast.syncs import count_syncs
+
+BACKENDS = ["triton", "torch"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    with kernels.use_backend(request.param):
+        yield request.param
 
 
 def clustered_boxes(n, seed=0, n_clusters=None, dtype=torch.float32):
@@ -46,7 +58,7 @@ def greedy_reference(boxes, scores, thr, idxs=None):
 
 @pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 257])
 @pytest.mark.parametrize("thr", [0.0, 0.3, 0.5, 0.7, 1.0])
-def test_nms_matches_torchvision(n, thr):
+def test_nms_matches_torchvision(n, thr, backend):
     boxes, scores = clustered_boxes(n, seed=n)
     ours = nms(boxes, scores, thr)
     ref = torchvision.ops.nms(boxes, scores, thr)
@@ -65,7 +77,7 @@ def test_nms_two_thousand_boxes():
 
 @pytest.mark.parametrize("n_classes", [1, 3, 80])
 @pytest.mark.parametrize("thr", [0.3, 0.7])
-def test_batched_nms_matches_torchvision(n_classes, thr):
+def test_batched_nms_matches_torchvision(n_classes, thr, backend):
     boxes, scores = clustered_boxes(301, seed=n_classes)
     idxs = torch.randint(0, n_classes, (301,), generator=torch.Generator().manual_seed(1))
     ref = torchvision.ops.batched_nms(boxes, scores, idxs, thr)
@@ -73,7 +85,7 @@ def test_batched_nms_matches_torchvision(n_classes, thr):
     assert len(ref) < 301
 
 
-def test_tied_scores_identical_and_zero_area_boxes():
+def test_tied_scores_identical_and_zero_area_boxes(backend):
     boxes, _ = clustered_boxes(70, seed=3)
     scores = torch.tensor([0.5, 0.9, 0.1, 0.9, 0.5] * 14)
     boxes[10] = boxes[11]  # identical boxes
@@ -86,14 +98,14 @@ def test_tied_scores_identical_and_zero_area_boxes():
         assert set(ours.tolist()) == set(torchvision.ops.nms(boxes, scores, thr).tolist())
 
 
-def test_fp16_and_bf16_boxes():
+def test_fp16_and_bf16_boxes(backend):
     boxes, scores = clustered_boxes(129, seed=11)
     for dtype in (torch.float16, torch.bfloat16):
         b = boxes.to(dtype)
         assert torch.equal(nms(b, scores, 0.5), torchvision.ops.nms(b.float(), scores, 0.5))
 
 
-def test_degenerate_nan_and_inf():
+def test_degenerate_nan_and_inf(backend):
     boxes, scores = clustered_boxes(40, seed=5)
     boxes[3] = torch.tensor([50.0, 50.0, 40.0, 40.0])  # x2 < x1: IoU <= 0, as torchvision
     boxes[4] = boxes[3]
@@ -117,7 +129,7 @@ def test_degenerate_nan_and_inf():
 
 
 @pytest.mark.parametrize("with_classes", [False, True])
-def test_nms_padded_per_image_with_padding(with_classes):
+def test_nms_padded_per_image_with_padding(with_classes, backend):
     g = torch.Generator().manual_seed(2)
     per_image = [clustered_boxes(n, seed=n) for n in (150, 97, 33)]
     B, N = 3, 150
@@ -139,10 +151,11 @@ def test_nms_padded_per_image_with_padding(with_classes):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_nms_padded_makes_no_host_sync(backend):
-    boxes, scores = clustered_boxes(130, seed=9)
-    boxes, scores = boxes.reshape(2, 65, 4), scores.reshape(2, 65)
-    idxs = torch.randint(0, 3, (2, 65), generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("n", [65, 1100])  # torchvision's own batched_nms loops over classes (syncs) above 1000
+def test_nms_padded_makes_no_host_sync(backend, n):
+    boxes, scores = clustered_boxes(2 * n, seed=9)
+    boxes, scores = boxes.reshape(2, n, 4), scores.reshape(2, n)
+    idxs = torch.randint(0, 3, (2, n), generator=torch.Generator().manual_seed(0))
     # the op's body, so that the counter also sees every op inside the custom op
     impl = importlib.import_module("kernels.nms")._nms_padded._init_fn
     with kernels.use_backend(backend), count_syncs() as counts:
@@ -160,6 +173,156 @@ def test_torch_backend_matches_torchvision():
         assert torch.equal(batched_nms(boxes, scores, idxs, 0.5), torchvision.ops.batched_nms(boxes, scores, idxs, 0.5))
         keep, num = nms_padded(boxes[None], scores[None], 0.5, 10)
         assert torch.equal(keep[0], torchvision.ops.nms(boxes, scores, 0.5)[:10])
+
+
+def awkward_batch(n, seed=0):
+    """Two images of n clustered boxes holding every special case at once: negative coordinates, tied scores,
+    a box with x2 < x1, non-finite coordinates on top-scored boxes, a NaN score, -inf padding at the end of
+    image 1, and class ids far apart (negative and large)."""
+    boxes, scores = clustered_boxes(2 * n, seed=seed)
+    boxes, scores = boxes.reshape(2, n, 4) - 120.0, (scores * 8).round().reshape(2, n) / 8
+    if n >= 8:
+        boxes[0, 5] = boxes[0, 5, [2, 3, 0, 1]]
+        boxes[0, 1, 2], boxes[0, 2, 0], boxes[1, 3, 3] = float("nan"), float("-inf"), float("inf")
+        scores[0, [1, 2]] = scores[1, 3] = 2.0
+        scores[1, 4] = float("nan")
+        scores[1, -(n // 4):] = float("-inf")
+    ids = torch.tensor([-7, 0, 3, 2**30])
+    idxs = ids[torch.randint(0, 4, (2, n), generator=torch.Generator().manual_seed(seed))]
+    return boxes, scores, idxs
+
+
+@pytest.mark.parametrize("n", [0, 1, 65, 300])
+@pytest.mark.parametrize("with_classes", [False, True])
+@pytest.mark.parametrize("thr", [0.0, 0.5, -0.1])
+def test_torch_backend_equals_kernels(n, with_classes, thr):
+    boxes, scores, idxs = awkward_batch(n, seed=n)
+    idxs = idxs if with_classes else None
+    for max_output in (40, n + 1):  # truncated, and all survivors
+        out = {}
+        for name in BACKENDS:
+            with kernels.use_backend(name):
+                out[name] = nms_padded(boxes, scores, thr, max_output, idxs=idxs)
+        assert torch.equal(out["torch"][0], out["triton"][0]) and torch.equal(out["torch"][1], out["triton"][1])
+    if n == 300:
+        keep, num = out["torch"]
+        assert num[0] < n - 50  # suppression did happen
+        assert {1, 2} <= set(keep[0].tolist())  # the top-scored non-finite boxes were not suppressed
+
+
+def iou_pair_boxes(n, thr, seed):
+    """n random boxes (corners in [0, 100], sizes in [0, 100]); the last one repeats the first, its right edge
+    pushed out so that the pair's IoU = width / (width + push) is a hair above thr."""
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * 100
+    boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 100], 1)
+    target = thr + 1e-5
+    width = boxes[0, 2] - boxes[0, 0]
+    boxes[-1] = boxes[0]
+    boxes[-1, 2] += width * (1 - target) / target
+    return boxes, torch.rand(n, generator=g)
+
+
+@pytest.mark.parametrize("thr", [0.2, 0.5, 0.8])
+def test_random_boxes_with_a_pair_just_above_threshold(backend, thr):
+    n = 1000
+    for seed in range(2):
+        boxes, scores = iou_pair_boxes(n, thr, seed)
+        keep = nms(boxes, scores, thr)
+        assert torch.equal(keep, torchvision.ops.nms(boxes, scores, thr))
+        assert not {0, n - 1} <= set(keep.tolist())  # the pair never survives together
+
+
+def test_float64_boxes(backend):
+    boxes, scores = clustered_boxes(257, seed=13, dtype=torch.float64)
+    scores = scores.double()
+    idxs = torch.randint(0, 4, (257,), generator=torch.Generator().manual_seed(13))
+    assert torch.equal(nms(boxes, scores, 0.5), torchvision.ops.nms(boxes, scores, 0.5))
+    assert torch.equal(batched_nms(boxes, scores, idxs, 0.5), torchvision.ops.batched_nms(boxes, scores, idxs, 0.5))
+    # IoU = (1 - x) / (1 + x) with x a hair below 1/3: just above 0.5 in fp64; x's fp32 rounding lands below 0.5
+    x = 1 / 3 - 1e-12
+    pair = torch.tensor([[0, 0, 1, 1], [x, 0, x + 1, 1]], dtype=torch.float64)
+    two = torch.tensor([0.9, 0.8], dtype=torch.float64)
+    assert nms(pair, two, 0.5).tolist() == torchvision.ops.nms(pair, two, 0.5).tolist() == [0]
+    assert nms(pair.float(), two.float(), 0.5).tolist() == [0, 1]
+    # the threshold is rounded to fp32: an IoU between 0.3 and fp32(0.3) = 0.3000000119 does not suppress
+    iou = 0.300000006
+    x = (1 - iou) / (1 + iou)
+    pair = torch.tensor([[0, 0, 1, 1], [x, 0, x + 1, 1]], dtype=torch.float64)
+    assert nms(pair, two, 0.3).tolist() == [0, 1]
+    assert batched_nms(pair, two, torch.zeros(2, dtype=torch.int64), 0.3).tolist() == [0, 1]
+
+
+def test_fp16_boxes_keep_what_fp32_keeps(backend):
+    boxes = torch.tensor([[285.3538, 185.5758, 1193.5110, 851.4551], [285.1472, 188.7374, 1192.4984, 851.0669],
+                          [279.2440, 197.9812, 1189.4746, 849.2019]])
+    scores = torch.tensor([0.6370, 0.7569, 0.3966])
+    keep = nms(boxes, scores, 0.2)
+    assert torch.equal(keep, torchvision.ops.nms(boxes, scores, 0.2))
+    assert torch.equal(nms(boxes.half(), scores.half(), 0.2), keep)
+
+
+def test_autocast_changes_nothing(backend, monkeypatch):
+    seen = []  # whether autocast was on inside the op bodies
+    sort = importlib.import_module("kernels.nms")._sorted_inputs
+    monkeypatch.setattr(importlib.import_module("kernels.nms"), "_sorted_inputs",
+                        lambda *a: seen.append(torch.is_autocast_enabled("cpu")) or sort(*a))
+    boxes, scores = clustered_boxes(130, seed=12)
+    idxs = torch.randint(0, 3, (130,), generator=torch.Generator().manual_seed(12))
+
+    def run(b, s):
+        return [nms(b, s, 0.5), batched_nms(b, s, idxs, 0.5), *nms_padded(b[None], s[None], 0.5, 30, idxs=idxs[None])]
+
+    for dtype in (torch.float32, torch.float64):
+        b, s = boxes.to(dtype), scores.to(dtype)
+        plain = run(b, s)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under_autocast = run(b, s)
+        assert all(torch.equal(p, a) for p, a in zip(plain, under_autocast))
+    assert len(seen) == 12 and not any(seen)
+
+
+def test_empty_inputs(backend):
+    for out in (batched_nms(torch.empty((0,), dtype=torch.int64), None, None, None),  # as torchvision: no checks
+                nms(torch.empty(0, 4), torch.empty(0), 0.5),
+                batched_nms(torch.empty(0, 4, dtype=torch.float64), torch.empty(0), torch.empty(0, dtype=torch.int64),
+                            0.5)):
+        assert out.dtype == torch.int64 and out.shape == (0,) and out.device.type == "cpu"
+    keep, num = nms_padded(torch.zeros(2, 0, 4), torch.zeros(2, 0), 0.5, 4)
+    assert (keep == -1).all() and keep.shape == (2, 4) and (num == 0).all()
+
+
+_R = torch.rand
+_SHAPE_ERRORS = {  # the four calls torchvision's own tests expect a RuntimeError from, and ours
+    "boxes 1-d": lambda: nms(_R(4), _R(3), 0.5),
+    "boxes [N,5]": lambda: nms(_R(3, 5), _R(3), 0.5),
+    "scores 2-d": lambda: nms(_R(3, 4), _R(3, 2), 0.5),
+    "N mismatch": lambda: nms(_R(3, 4), _R(4), 0.5),
+    "idxs N mismatch": lambda: batched_nms(_R(3, 4), _R(3), torch.zeros(2, dtype=torch.int64), 0.5),
+    "scores [B,N] mismatch": lambda: nms_padded(_R(2, 3, 4), _R(2, 4), 0.5, 2),
+    "max_output 0": lambda: nms_padded(_R(1, 3, 4), _R(1, 3), 0.5, 0),
+}
+_TYPE_ERRORS = {
+    "int boxes": lambda: nms(torch.ones(3, 4, dtype=torch.int64), _R(3), 0.5),
+    "float idxs": lambda: batched_nms(_R(3, 4), _R(3), _R(3), 0.5),
+    "threshold None": lambda: nms(_R(3, 4), _R(3), None),
+    "max_output 2.5": lambda: nms_padded(_R(1, 3, 4), _R(1, 3), 0.5, 2.5),
+    "scores a list": lambda: nms(_R(3, 4), [0.1, 0.2, 0.3], 0.5),
+}
+
+
+@pytest.mark.parametrize("call", _SHAPE_ERRORS.values(), ids=_SHAPE_ERRORS.keys())
+def test_shape_errors_are_value_and_runtime_errors(call):
+    with pytest.raises(RuntimeError) as err:
+        call()
+    assert isinstance(err.value, ValueError) and isinstance(err.value, kernels.InputError)
+
+
+@pytest.mark.parametrize("call", _TYPE_ERRORS.values(), ids=_TYPE_ERRORS.keys())
+def test_type_errors_are_type_and_runtime_errors(call):
+    with pytest.raises(RuntimeError) as err:
+        call()
+    assert isinstance(err.value, TypeError) and isinstance(err.value, kernels.InputTypeError)
 
 
 def test_bad_inputs():
