@@ -269,6 +269,33 @@ def _greedy_by_definition(bx, cls, live, iou_threshold):
     return kept
 
 
+PER_CLASS_ABOVE = 1000  # boxes per image above which classes run one torchvision call each (as torchvision)
+
+
+def _torch_nms_image(boxes, cls, live, iou_threshold):
+    """Kept positions (ascending = by score) of one image's sorted boxes ``[N,4]``, through torchvision's nms.
+
+    Boxes that take no part (``~live``) become all-NaN: their IoU is NaN, so they neither suppress nor
+    are suppressed. Up to ``PER_CLASS_ABOVE`` boxes, classes go into x strips and one call (fp64, so the
+    shift rounds nothing); above it, one call per class on that class's boxes, whose boundaries are read
+    on the host -- a sync, free on the CPU this runs on -- so that the work is sum(n_c^2), not N^2."""
+    N = boxes.shape[0]
+    f64 = boxes.dtype == torch.float64
+    strips = cls is not None and N <= PER_CLASS_ABOVE
+    dtype = torch.float64 if f64 or strips else torch.float32
+    bx = torch.where(live[:, None], boxes.to(dtype), float("nan"))
+    stand_in = -torch.arange(N, device=boxes.device, dtype=dtype)  # strictly decreasing: our order
+    if cls is None:
+        return torchvision.ops.nms(bx, stand_in, iou_threshold)
+    if strips:
+        return torchvision.ops.nms(_separate_classes(bx[None], cls[None])[0], stand_in, iou_threshold)
+    by_class = torch.sort(cls, stable=True).indices  # positions grouped by class, score order inside
+    counts = torch.unique_consecutive(cls[by_class], return_counts=True)[1].tolist()
+    kept = [seg[torchvision.ops.nms(bx[seg], stand_in[seg], iou_threshold)]
+            for seg in torch.split(by_class, counts)]
+    return torch.cat(kept).sort().values
+
+
 def _torch_nms(boxes, cls, n_valid, iou_threshold, max_output):
     """CPU backend: ``torchvision.ops.nms`` once per image, fed so that it follows our rule (module docstring).
 
@@ -290,13 +317,8 @@ def _torch_nms(boxes, cls, n_valid, iou_threshold, max_output):
         spill = torch.full((B, max_output + 1), -1, dtype=torch.int64, device=dev)
         keep = spill.scatter_(1, slot, pos.expand(B, N))[:, :max_output]  # column max_output is a spill bin
     else:
-        dtype = torch.float64 if f64 or cls is not None else torch.float32
-        bx = torch.where(live[..., None], boxes.to(dtype), float("nan"))
-        if cls is not None:
-            bx = _separate_classes(bx, cls)
-        stand_in = -pos.to(dtype)  # strictly decreasing scores (exact up to 2**24 boxes in fp32): our order
         for b in range(B):
-            kept = torchvision.ops.nms(bx[b], stand_in, iou_threshold)[:max_output]
+            kept = _torch_nms_image(boxes[b], None if cls is None else cls[b], live[b], iou_threshold)[:max_output]
             keep[b, :kept.shape[0]] = kept
     # padding boxes never suppress (NaN or not live) and come last: drop them from the end of each row
     keep = torch.where(keep < n_valid[:, None], keep, -1)
@@ -339,15 +361,36 @@ def nms_padded(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, 
     return _nms_padded(boxes, scores, idxs, _threshold(iou_threshold), int(max_output))
 
 
-@torch.library.custom_op("maskrcnn_fast::batched_nms", mutates_args=())
-def _batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor | None,
-                 iou_threshold: float) -> torch.Tensor:
+def _batched_nms_impl(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor | None,
+                      iou_threshold: float) -> torch.Tensor:
     N = boxes.shape[0]
     with no_autocast(boxes.device):
         if N == 0:
             return torch.empty(0, dtype=torch.int64, device=boxes.device)
+        if backend_for(boxes) == "torch" and iou_threshold >= 0:
+            # the drop-in syncs for its length anyway: the lean CPU path, without the padded machinery
+            s = torch.where(torch.isnan(scores), float("-inf"), scores)
+            order = torch.sort(s, descending=True, stable=True).indices
+            live = torch.isfinite(s[order]) & torch.isfinite(boxes[order]).all(1)
+            live_scores = torch.isfinite(s[order])
+            pos = _torch_nms_image(boxes[order], None if idxs is None else idxs[order], live, _fp32(iou_threshold))
+            return order[pos[live_scores[pos]]]  # -inf scores (padding) are never kept
         keep, count = _nms_padded(boxes[None], scores[None], None if idxs is None else idxs[None], iou_threshold, N)
         return keep[0, :int(count[0])].clone()  # the drop-in API's output length is data-dependent: one sync
+
+
+@torch.library.custom_op("maskrcnn_fast::batched_nms", mutates_args=())
+def _batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor | None,
+                 iou_threshold: float) -> torch.Tensor:
+    return _batched_nms_impl(boxes, scores, idxs, iou_threshold)
+
+
+def _dispatch_batched_nms(boxes, scores, idxs, iou_threshold):
+    """Eager CPU calls skip the custom-op wrapper (~0.3 ms of Python per call, as much as NMS of 300
+    boxes itself): nothing there needs it, the result has no gradient. torch.compile sees the op."""
+    if backend_for(boxes) == "torch" and not torch.compiler.is_compiling():
+        return _batched_nms_impl(boxes, scores, idxs, iou_threshold)
+    return _batched_nms(boxes, scores, idxs, iou_threshold)
 
 
 @_batched_nms.register_fake
@@ -372,7 +415,7 @@ def _check_flat(boxes, scores, idxs=None):
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """Drop-in for ``torchvision.ops.nms``: kept indices by decreasing score (syncs once for the length)."""
     _check_flat(boxes, scores)
-    return _batched_nms(boxes, scores, None, _threshold(iou_threshold))
+    return _dispatch_batched_nms(boxes, scores, None, _threshold(iou_threshold))
 
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float) -> torch.Tensor:
@@ -382,7 +425,7 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, i
     if isinstance(boxes, torch.Tensor) and boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     _check_flat(boxes, scores, idxs)
-    return _batched_nms(boxes, scores, idxs, _threshold(iou_threshold))
+    return _dispatch_batched_nms(boxes, scores, idxs, _threshold(iou_threshold))
 
 
 def compile_specs() -> list[CompileSpec]:

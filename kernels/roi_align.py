@@ -247,10 +247,11 @@ def get_configs() -> list[dict]:
     return _config.collapse(_CONFIGS)
 
 
-def default_config(block_p: int, backward: bool) -> dict:
+def default_config(block_p: int, backward: bool, fp64: bool = False) -> dict:
     """Spill-free heuristic (checked by bench/compile_report.py): the forward holds up to 16 fp32 values
-    of the [P, C] tile per thread, the backward (four atomic address tiles live at once) 8."""
-    per_thread = 8 if backward else 16
+    of the [P, C] tile per thread, the backward (four atomic address tiles live at once) 8; half as many
+    fp64 values (two registers each)."""
+    per_thread = (8 if backward else 16) // (2 if fp64 else 1)
     for cfg in _CONFIGS:
         if block_p * cfg["BLOCK_C"] <= per_thread * 32 * cfg["num_warps"]:
             return cfg
@@ -294,7 +295,8 @@ def _launch_fwd(features, rois, levels, scales, ph, pw, sampling_ratio, aligned)
     if K == 0 or C == 0:
         return out
     meta, scales_t = _level_meta(features, None, scales)
-    cfg = _config.pick("roi_align_fwd", f"p{_block_p(ph, pw)}", get_configs(), default_config(_block_p(ph, pw), False))
+    cfg = _config.pick("roi_align_fwd", f"p{_block_p(ph, pw)}", get_configs(),
+                       default_config(_block_p(ph, pw), False, x.dtype == torch.float64))
     block, opts = _config.launch_kwargs(cfg)
     ptrs = list(features) + [x] * (MAX_LEVELS - len(features))
     grid = (K, triton.cdiv(C, block["BLOCK_C"]))
@@ -316,7 +318,8 @@ def _launch_bwd(grad, features, rois, levels, scales, ph, pw, sampling_ratio, al
     if K > 0 and C > 0:
         meta, scales_t = _level_meta(features, accs, scales)
         cfg = _config.pick("roi_align_bwd_det" if deterministic else "roi_align_bwd",
-                           f"p{_block_p(ph, pw)}", get_configs(), default_config(_block_p(ph, pw), True))
+                           f"p{_block_p(ph, pw)}", get_configs(),
+                           default_config(_block_p(ph, pw), True, x.dtype == torch.float64))
         block, opts = _config.launch_kwargs(cfg)
         ptrs = accs + [accs[0]] * (MAX_LEVELS - len(accs))
         grid = (K, triton.cdiv(C, block["BLOCK_C"]))
@@ -484,6 +487,7 @@ def compile_specs() -> list[CompileSpec]:
     for dtype, levels, aligned, channels_last in (("float32", 1, False, False), ("float16", 5, True, False),
                                                   ("float64", 1, False, False)):
         for det in (None, False, True):
-            specs.append(_spec(dtype, default_config(64, det is not None), levels, aligned, 64, det, default=True,
+            cfg = default_config(64, det is not None, dtype == "float64")
+            specs.append(_spec(dtype, cfg, levels, aligned, 64, det, default=True,
                                channels_last=channels_last))
     return specs

@@ -67,6 +67,11 @@ class MaskRCNNConfig:
     mask_layers: Tuple[int, ...] = (256, 256, 256, 256)
     mask_dilation: int = 1
     sampling_ratio: int = 2
+    # The mask branch runs on a fixed p = box_batch_size_per_image * box_positive_fraction slots per
+    # image (padding weighs 0), so a step has static shapes and no host sync. Where a host sync is free
+    # (the PyTorch CPU backend), running it on the positive RoIs only is the same loss for a fraction of
+    # the compute. None: positives only exactly there; True/False force it.
+    mask_branch_positives_only: Optional[bool] = None
 
     # --- ablations (He et al., Table 2) ---
     pooler: str = "roi_align"        # "roi_align" | "roi_pool"

@@ -22,6 +22,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
 import kernels
+from kernels._backend import backend_for
 from maskrcnn_fast import box_ops
 from maskrcnn_fast.config import MaskRCNNConfig
 from maskrcnn_fast.rpn import sample_balanced
@@ -154,9 +155,20 @@ class RoIHeads(nn.Module):
         mask_weight = is_pos[:, :p].reshape(-1)
         mask_classes = classes[:, :p].reshape(-1)
         mask_matched = (matched[:, :p] + torch.arange(b, device=matched.device).view(b, 1) * gt_boxes.shape[1])
-        mask_targets = project_masks(gt_masks, mask_rois, mask_matched.reshape(-1), self.mask_size)
+        mask_matched = mask_matched.reshape(-1)
+        if self.positives_only(mask_rois):
+            keep = torch.nonzero(mask_weight)[:, 0]  # a host sync: taken only where it is free (see config)
+            mask_rois, mask_weight, mask_classes, mask_matched = (
+                t[keep] for t in (mask_rois, mask_weight, mask_classes, mask_matched))
+        mask_targets = project_masks(gt_masks, mask_rois, mask_matched, self.mask_size)
         loss_mask = self.mask_loss(features, mask_rois, mask_classes, mask_targets, mask_weight)
         return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": loss_mask}
+
+    def positives_only(self, rois: torch.Tensor) -> bool:
+        """Whether the mask branch runs on the positive RoIs only (``cfg.mask_branch_positives_only``)."""
+        if self.cfg.mask_branch_positives_only is not None:
+            return self.cfg.mask_branch_positives_only
+        return backend_for(rois) == "torch" and rois.device.type == "cpu" and not torch.compiler.is_compiling()
 
     def mask_loss(self, features, rois, classes, targets, weight) -> torch.Tensor:
         """Mean over real positive RoIs (``weight`` 1) of the per-RoI mean pixel loss."""

@@ -39,6 +39,10 @@ class SyncCounts:
     op_counts: collections.Counter = field(default_factory=collections.Counter)
     # where each sync came from (innermost frames outside torch), for fixing them
     sync_sites: list = field(default_factory=list)
+    # tensors made from host data (``torch.tensor``/``as_tensor`` of Python or numpy values) and copies
+    # between devices: either breaks CUDA-graph capture of a step, even where nothing syncs
+    host_data: int = 0
+    host_data_sites: list = field(default_factory=list)
 
     def __str__(self) -> str:
         detail = ", ".join(f"{k} x{v}" for k, v in self.sync_ops.most_common())
@@ -70,6 +74,19 @@ def _is_sync(func, args, kwargs) -> str | None:
     return None
 
 
+def _host_data(func, args, kwargs) -> str | None:
+    packet = func._overloadpacket.__name__
+    if packet in ("lift_fresh", "lift_fresh_copy"):  # what torch.tensor(data) dispatches
+        return "tensor from host data"
+    if packet == "_to_copy" and isinstance(args[0], torch.Tensor) and kwargs.get("device") is not None:
+        if torch.device(kwargs["device"]).type != args[0].device.type:
+            return "cross-device copy"
+    if packet == "copy_" and len(args) > 1 and isinstance(args[1], torch.Tensor):
+        if args[0].device.type != args[1].device.type:
+            return "cross-device copy"
+    return None
+
+
 class _Counter(TorchDispatchMode):
     def __init__(self, counts: SyncCounts, record_sites: bool):
         super().__init__()
@@ -79,6 +96,12 @@ class _Counter(TorchDispatchMode):
         kwargs = kwargs or {}
         self.counts.ops += 1
         self.counts.op_counts[func._overloadpacket.__name__] += 1
+        made = _host_data(func, args, kwargs)
+        if made is not None:
+            self.counts.host_data += 1
+            if self.record_sites:
+                frames = [f for f in traceback.extract_stack()[:-2] if "/torch/" not in f.filename]
+                self.counts.host_data_sites.append((made, [f"{f.filename}:{f.lineno} {f.name}" for f in frames[-4:]]))
         why = _is_sync(func, args, kwargs)
         if why is not None:
             self.counts.syncs += 1
