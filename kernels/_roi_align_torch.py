@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels._backend import compute_dtype
 from kernels._roi_common import MAX_GRID
 
 
@@ -31,7 +32,7 @@ def _torch_sampling_plan(features, rois, levels, scales, ph, pw, sampling_ratio,
     level_off = torch.tensor([0] + sizes[:-1], device=dev).cumsum(0)[lvl]
     Hs = torch.tensor([f.shape[2] for f in features], device=dev)[lvl]
     Ws = torch.tensor([f.shape[3] for f in features], device=dev)[lvl]
-    cdt = _compute_dtype(x)
+    cdt = compute_dtype(x.dtype)
     scale = torch.tensor(scales, dtype=cdt, device=dev)[lvl]
     r = rois.to(cdt)
     b = r[:, 0].nan_to_num(0).clamp(0, N - 1).long()
@@ -88,20 +89,16 @@ def _interpolation_matrix(features, rois, levels, scales, ph, pw, sampling_ratio
                + torch.arange(pw, device=dev)[None, None, None, :, None]).expand(K, ph, G, pw, G)
     rows = out_row.reshape(-1).repeat(len(plan))
     cols = torch.cat([idx.reshape(-1) for idx, _ in plan])
-    vals = torch.cat([w.reshape(-1) for _, w in plan]).to(_compute_dtype(features[0]))
+    vals = torch.cat([w.reshape(-1) for _, w in plan]).to(compute_dtype(features[0].dtype))
     # indices are in range by construction (clamped coordinates and batch index)
     return torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (K * ph * pw, N * total), check_invariants=False)
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _flat(features) -> torch.Tensor:
     """All levels as one ``[N*sum(HW), C]`` table (channels last) in the compute dtype, so RoIs of every
     level share one matmul."""
     N, C = features[0].shape[:2]
-    cdt = _compute_dtype(features[0])
+    cdt = compute_dtype(features[0].dtype)
     return torch.cat([f.permute(0, 2, 3, 1).reshape(N, -1, C) for f in features], 1).reshape(-1, C).to(cdt)
 
 
@@ -118,7 +115,7 @@ def _torchvision_defined(features, rois, scales, ph, pw, sampling_ratio) -> bool
 def _torchvision_roi_align(features, rois, levels, scales, ph, pw, sampling_ratio, aligned) -> torch.Tensor:
     x = features[0]
     K, C = rois.shape[0], x.shape[1]
-    cdt = _compute_dtype(x)
+    cdt = compute_dtype(x.dtype)
     roi_align = torch.ops.torchvision.roi_align
     if len(features) == 1:
         return roi_align(x.to(cdt), rois, scales[0], ph, pw, sampling_ratio, aligned).to(x.dtype)
@@ -152,7 +149,7 @@ def _torch_roi_align_bwd(grad, features, rois, levels, scales, ph, pw, sampling_
     N, C = x.shape[:2]
     K = rois.shape[0]
     S = _interpolation_matrix(features, rois, levels, scales, ph, pw, sampling_ratio, aligned)
-    acc = torch.sparse.mm(S.t(), grad.to(_compute_dtype(x)).permute(0, 2, 3, 1).reshape(K * ph * pw, C))
+    acc = torch.sparse.mm(S.t(), grad.to(compute_dtype(x.dtype)).permute(0, 2, 3, 1).reshape(K * ph * pw, C))
     acc = acc.reshape(N, -1, C)
     grads, start = [], 0
     for f in features:

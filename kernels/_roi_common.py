@@ -17,11 +17,17 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import triton.language as tl
 
 from kernels._backend import (FLOAT_DTYPES, BoxesShapeError, InputError, assert_in_range, check_same_device,
-                              check_tensor)
+                              check_tensor, compute_dtype)
 
 MAX_GRID = 1024  # cap on RoIAlign's adaptive sampling grid per axis, so absurd boxes cannot run forever
+
+
+def tl_compute_dtype(dtype: torch.dtype):
+    """The kernels' ``ACC`` constexpr for features of ``dtype``: :func:`compute_dtype` as a Triton dtype."""
+    return tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32
 
 
 def pair(output_size, name: str = "output_size") -> tuple[int, int]:

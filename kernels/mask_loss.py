@@ -43,7 +43,7 @@ import triton.language as tl
 
 from kernels import _config
 from kernels._backend import (FLOAT_DTYPES, InputError, assert_in_range, backend_for, check_same_device,
-                              check_tensor, no_autocast)
+                              check_tensor, compute_dtype, no_autocast)
 from kernels._compile import TORCH_TO_TRITON, CompileSpec
 from kernels.mask_targets import GtMaskTargets, _projected_target, project_masks_on_boxes
 
@@ -218,11 +218,6 @@ def get_configs(kind: str = "loss") -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 # Launchers (inputs already validated by the public functions)
 # ----------------------------------------------------------------------------------------------
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the ops compute, accumulate and return the loss in for logits/features of ``dtype``."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _targets_for(targets: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     # kernels are built for targets in the logits' dtype or fp32; others (rare) cost an R*M*M cast
     return targets if targets.dtype in (like.dtype, torch.float32) else targets.float()
@@ -234,7 +229,7 @@ def _target_args(targets, gt_boxes, gt_idx, like, labels, dummy):
     if gt_boxes is None:
         targets = _targets_for(targets, like)
         return (targets, dummy, labels, 1, 1, 1, *targets.stride()[-3:]), False
-    cdt = _compute_dtype(like.dtype)
+    cdt = compute_dtype(like.dtype)
     if targets.dtype not in (torch.uint8, torch.float32, cdt):  # mask_targets_from_gt did this already
         targets = targets.view(torch.uint8) if targets.dtype == torch.bool else targets.float()
     return (targets, gt_boxes.to(cdt).contiguous(), gt_idx.long().contiguous(), *targets.shape,
@@ -253,7 +248,7 @@ def _launch_loss_fwd(logits, labels, targets, gt_boxes, gt_idx, roi_weight, need
     R, K, M, _ = logits.shape
     labels = labels.contiguous()  # the kernels index labels[r] densely
     P = M * M
-    cdt = _compute_dtype(logits.dtype)  # the kernel's: partial sums and compact gradient are in it
+    cdt = compute_dtype(logits.dtype)  # the kernel's: partial sums and compact gradient are in it
     grad = torch.empty((R, P) if need_grad else (0,), dtype=cdt, device=logits.device)
     cfg = _config.pick("sigmoid_bce_mask_loss_fwd", f"p{P}", get_configs("loss"))
     meta, opts = _config.launch_kwargs(cfg)
@@ -290,7 +285,7 @@ def _launch_predictor_fwd(features, weight, bias, labels, targets, gt_boxes, gt_
     meta, opts = _config.launch_kwargs(cfg)
     n_pb = triton.cdiv(P, meta["BLOCK_P"])
     dev = features.device
-    cdt = _compute_dtype(features.dtype)  # the kernel's: weight, bias, partial sums, compact gradient
+    cdt = compute_dtype(features.dtype)  # the kernel's: weight, bias, partial sums, compact gradient
     if logits_only:
         out, partials, targets = torch.empty((R, M, M), dtype=features.dtype, device=dev), None, features
     else:
@@ -311,7 +306,7 @@ def _launch_predictor_fwd(features, weight, bias, labels, targets, gt_boxes, gt_
 def _launch_predictor_bwd(grad_loss, grad, features, weight, labels):
     R, C, M, _ = features.shape
     labels = labels.contiguous()  # the kernels index labels[r] densely
-    cdt = _compute_dtype(features.dtype)
+    cdt = compute_dtype(features.dtype)
     df = torch.empty((R, C, M, M), dtype=features.dtype, device=features.device)
     gw = torch.empty((R, C), dtype=cdt, device=features.device)
     if R > 0 and C > 0:
@@ -324,7 +319,7 @@ def _launch_predictor_bwd(grad_loss, grad, features, weight, labels):
 
 
 # ----------------------------------------------------------------------------------------------
-# PyTorch fallback (same maths, vectorized, in _compute_dtype: fp32, or fp64 for fp64 inputs)
+# PyTorch fallback (same maths, vectorized, in compute_dtype: fp32, or fp64 for fp64 inputs)
 # ----------------------------------------------------------------------------------------------
 def _torch_bce(x, t, roi_weight, need_grad):
     """Loss and compact gradient in x's dtype (x, t: [R, P] in the compute dtype)."""
@@ -346,7 +341,7 @@ def _torch_loss_fwd(logits, labels, targets, roi_weight, need_grad):
     R, K = logits.shape[:2]
     lab = labels.clamp(0, max(K - 1, 0))
     P = logits.shape[2] * logits.shape[3]
-    cdt = _compute_dtype(logits.dtype)
+    cdt = compute_dtype(logits.dtype)
     x = logits[torch.arange(R, device=logits.device), lab].reshape(R, P).to(cdt)
     return _torch_bce(x, targets.reshape(R, P).to(cdt), roi_weight, need_grad)
 
@@ -361,7 +356,7 @@ def _torch_loss_bwd(grad_loss, grad, labels, K, dtype):
 def _torch_label_logits(features, weight, bias, labels):
     R, C, M, _ = features.shape
     lab = labels.clamp(0, weight.shape[0] - 1)
-    cdt = _compute_dtype(features.dtype)
+    cdt = compute_dtype(features.dtype)
     x = torch.einsum("rcp,rc->rp", features.reshape(R, C, M * M).to(cdt), weight[lab].to(cdt))
     return x + bias[lab].to(cdt).view(R, 1)
 
@@ -384,7 +379,7 @@ def _torch_targets(targets, gt_boxes, gt_idx, M):
 # ``targets`` is [R,M,M], or with gt_boxes [R,4] / gt_idx [R] given, the gt masks [G,H,W] to project.
 # Every op body runs under no_autocast: the ops have no autocast rule, so without it CPU/CUDA autocast
 # would lower the PyTorch code inside (einsum, sums) to bf16/fp16. Outputs: loss and compact gradient
-# in _compute_dtype(logits/features dtype).
+# in compute_dtype(logits/features dtype).
 @torch.library.custom_op("maskrcnn_fast::sigmoid_bce_mask_loss", mutates_args=())
 def _loss_op(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, gt_boxes: Optional[torch.Tensor],
              gt_idx: Optional[torch.Tensor], roi_weight: Optional[torch.Tensor],
@@ -399,7 +394,7 @@ def _loss_op(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, 
 @_loss_op.register_fake
 def _(logits, labels, targets, gt_boxes, gt_idx, roi_weight, need_grad):
     R, P = logits.shape[0], logits.shape[2] * logits.shape[3]
-    cdt = _compute_dtype(logits.dtype)
+    cdt = compute_dtype(logits.dtype)
     return logits.new_empty((), dtype=cdt), logits.new_empty((R, P) if need_grad else (0,), dtype=cdt)
 
 
@@ -449,7 +444,7 @@ def _predictor_op(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 @_predictor_op.register_fake
 def _(features, weight, bias, labels, targets, gt_boxes, gt_idx, roi_weight, need_grad):
     R, P = features.shape[0], features.shape[2] * features.shape[3]
-    cdt = _compute_dtype(features.dtype)
+    cdt = compute_dtype(features.dtype)
     return features.new_empty((), dtype=cdt), features.new_empty((R, P) if need_grad else (0,), dtype=cdt)
 
 
@@ -464,7 +459,7 @@ def _predictor_bwd_op(grad_loss: torch.Tensor, grad: torch.Tensor, features: tor
 @_predictor_bwd_op.register_fake
 def _(grad_loss, grad, features, weight, labels):
     return torch.empty_like(features, memory_format=torch.contiguous_format), \
-        features.new_empty(features.shape[:2], dtype=_compute_dtype(features.dtype))
+        features.new_empty(features.shape[:2], dtype=compute_dtype(features.dtype))
 
 
 def _predictor_setup(ctx, inputs, output):
@@ -645,7 +640,7 @@ def _fwd_io_cases(first: bool):
 
 
 def _ptr(dtype: str) -> str:
-    return "*" + {"uint8": "u8", "float64": "fp64", **TORCH_TO_TRITON}[dtype]
+    return "*" + {"uint8": "u8", **TORCH_TO_TRITON}[dtype]
 
 
 def _cdt_ptr(dtype: str) -> str:

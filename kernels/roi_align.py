@@ -35,11 +35,11 @@ import triton
 import triton.language as tl
 
 from kernels import _config
-from kernels._backend import InputError, backend_for, no_autocast
+from kernels._backend import InputError, backend_for, compute_dtype, no_autocast
 from kernels._compile import TORCH_TO_TRITON, CompileSpec
 from kernels._roi_align_torch import _torch_roi_align, _torch_roi_align_bwd
 from kernels._roi_common import (MAX_GRID, check_rois, fixed_point_scale, from_fixed_point, pair,
-                                 rois_from_boxes)
+                                 rois_from_boxes, tl_compute_dtype)
 
 MAX_LEVELS = 5
 META_COLS = 10   # per level: H, W, in strides (n, c, h, w), grad strides (n, c, h, w)
@@ -266,11 +266,6 @@ def _channels_last(tensors: Sequence[torch.Tensor]) -> bool:
     return all(t.stride(1) == 1 for t in tensors)
 
 
-def _acc_dtype(dtype: torch.dtype):
-    """Compute dtype: fp64 for fp64 features, fp32 for everything else (fp16/bf16 up-cast in registers)."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 @functools.lru_cache(maxsize=256)
 def _cached_meta(rows: tuple, scales: tuple, scale_dtype: torch.dtype, device: torch.device):
     """Launch metadata as device tensors, made once per (shapes, strides, scales, device): a steady-state
@@ -284,8 +279,8 @@ def _level_meta(features: Sequence[torch.Tensor], grads: Sequence[torch.Tensor] 
     for i, f in enumerate(features):
         gs = grads[i].stride() if grads is not None else f.stride()
         rows.append((f.shape[2], f.shape[3], *f.stride(), *gs))
-    scale_dtype = torch.float64 if features[0].dtype == torch.float64 else torch.float32
-    return _cached_meta(tuple(rows), tuple(float(v) for v in scales), scale_dtype, features[0].device)
+    return _cached_meta(tuple(rows), tuple(float(v) for v in scales), compute_dtype(features[0].dtype),
+                        features[0].device)
 
 
 def _launch_fwd(features, rois, levels, scales, ph, pw, sampling_ratio, aligned) -> torch.Tensor:
@@ -303,7 +298,7 @@ def _launch_fwd(features, rois, levels, scales, ph, pw, sampling_ratio, aligned)
     _roi_align_fwd_kernel[grid](*ptrs, meta, scales_t, rois, levels, out, x.shape[0], C, ph, pw,
                                 sampling_ratio, ALIGNED=aligned, NUM_LEVELS=len(features),
                                 MAX_GRID=MAX_GRID, CHANNELS_LAST=_channels_last(features),
-                                BLOCK_P=_block_p(ph, pw), ACC=_acc_dtype(x.dtype), **block, **opts)
+                                BLOCK_P=_block_p(ph, pw), ACC=tl_compute_dtype(x.dtype), **block, **opts)
     return out
 
 
@@ -311,7 +306,7 @@ def _launch_bwd(grad, features, rois, levels, scales, ph, pw, sampling_ratio, al
                 deterministic) -> list[torch.Tensor]:
     x = features[0]
     K, C = rois.shape[0], x.shape[1]
-    acc_dtype = torch.int64 if deterministic else (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    acc_dtype = torch.int64 if deterministic else compute_dtype(x.dtype)
     # accumulators keep the features' layout (channels_last stays channels_last)
     accs = [torch.zeros_like(f, dtype=acc_dtype) for f in features]
     fix = fixed_point_scale(grad, K * ph * pw) if deterministic else None
@@ -329,7 +324,7 @@ def _launch_bwd(grad, features, rois, levels, scales, ph, pw, sampling_ratio, al
                                     NUM_LEVELS=len(features), MAX_GRID=MAX_GRID,
                                     CHANNELS_LAST=_channels_last(features + accs),
                                     DETERMINISTIC=deterministic, BLOCK_P=_block_p(ph, pw),
-                                    ACC=_acc_dtype(x.dtype), **block, **opts)
+                                    ACC=tl_compute_dtype(x.dtype), **block, **opts)
     if deterministic:
         return [from_fixed_point(a, fix, f.dtype, grad) for a, f in zip(accs, features)]
     return [a if a.dtype == f.dtype else a.to(f.dtype) for a, f in zip(accs, features)]
@@ -340,7 +335,7 @@ def _launch_bwd(grad, features, rois, levels, scales, ph, pw, sampling_ratio, al
 # ----------------------------------------------------------------------------------------------
 def _compute_rois(rois: torch.Tensor, features) -> torch.Tensor:
     """Boxes in the compute dtype (fp64 for fp64 features, else fp32), whatever dtype they came in."""
-    return rois.to(torch.float64 if features[0].dtype == torch.float64 else torch.float32).contiguous()
+    return rois.to(compute_dtype(features[0].dtype)).contiguous()
 
 
 @torch.library.custom_op("maskrcnn_fast::roi_align_forward", mutates_args=())
@@ -457,7 +452,7 @@ def _spec(dtype: str, cfg: dict, levels: int, aligned: bool, block_p: int, det: 
     block, opts = _config.launch_kwargs(cfg)
     acc_t = "fp64" if dtype == "float64" else "fp32"
     const = dict(ALIGNED=aligned, NUM_LEVELS=levels, MAX_GRID=MAX_GRID, CHANNELS_LAST=channels_last,
-                 BLOCK_P=block_p, **block, ACC=_acc_dtype(getattr(torch, dtype)))
+                 BLOCK_P=block_p, **block, ACC=tl_compute_dtype(getattr(torch, dtype)))
     common = {"meta_ptr": "*i64", "scales_ptr": f"*{acc_t}", "rois_ptr": f"*{acc_t}", "levels_ptr": "*i32"}
     dims = {"N": "i32", "C": "i32", "PH": "i32", "PW": "i32", "sampling_ratio": "i32"}
     tag = (f"{dtype},L{levels},al{int(aligned)},cl{int(channels_last)},P{block_p},C{block['BLOCK_C']},"

@@ -22,9 +22,10 @@ import triton
 import triton.language as tl
 
 from kernels import _config
-from kernels._backend import backend_for, no_autocast
+from kernels._backend import backend_for, compute_dtype, no_autocast
 from kernels._compile import TORCH_TO_TRITON, CompileSpec
-from kernels._roi_common import check_rois, fixed_point_scale, from_fixed_point, pair, rois_from_boxes
+from kernels._roi_common import (check_rois, fixed_point_scale, from_fixed_point, pair, rois_from_boxes,
+                                 tl_compute_dtype)
 
 _BIG = 1073741824.0  # 2**30: clamp for rounded coordinates before the int conversion
 
@@ -143,9 +144,6 @@ def default_config(block_p: int, backward: bool = False) -> dict:
     return _CONFIGS[4] if backward else _CONFIGS[1]
 
 
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
 
 def _launch_fwd(x, rois, ph, pw, spatial_scale):
     K, C = rois.shape[0], x.shape[1]
@@ -159,14 +157,14 @@ def _launch_fwd(x, rois, ph, pw, spatial_scale):
     grid = (K, triton.cdiv(C, block["BLOCK_C"]))
     _roi_pool_fwd_kernel[grid](x, rois, out, argmax, x.shape[0], C, x.shape[2], x.shape[3], ph, pw,
                                float(spatial_scale), *x.stride(), BIG=_BIG, BLOCK_P=block_p,
-                               ACC=_acc_dtype(x.dtype), **block, **opts)
+                               ACC=tl_compute_dtype(x.dtype), **block, **opts)
     return out, argmax
 
 
 def _launch_bwd(grad, argmax, x, rois, ph, pw, deterministic):
     N, C, H, W = x.shape
     K = rois.shape[0]
-    acc_dtype = torch.int64 if deterministic else (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    acc_dtype = torch.int64 if deterministic else compute_dtype(x.dtype)
     acc = torch.zeros((N, C, H, W), dtype=acc_dtype, device=x.device)
     fix = fixed_point_scale(grad, K * ph * pw) if deterministic else None
     if K > 0 and C > 0:
@@ -177,7 +175,7 @@ def _launch_bwd(grad, argmax, x, rois, ph, pw, deterministic):
         grid = (K, triton.cdiv(C, block["BLOCK_C"]))
         _roi_pool_bwd_kernel[grid](acc, rois, grad, argmax, fix if deterministic else grad, N, C, H * W, ph, pw,
                                    *grad.stride(), DETERMINISTIC=deterministic, BLOCK_P=block_p,
-                                   ACC=_acc_dtype(x.dtype), **block, **opts)
+                                   ACC=tl_compute_dtype(x.dtype), **block, **opts)
     if deterministic:
         return from_fixed_point(acc, fix, x.dtype, grad)
     return acc.to(x.dtype)
@@ -187,7 +185,7 @@ def _launch_bwd(grad, argmax, x, rois, ph, pw, deterministic):
 def _torch_roi_pool(x, rois, ph, pw, spatial_scale):
     """torchvision's compiled kernel where its behaviour is defined (finite boxes), else the vectorized code."""
     if rois.shape[0] > 0 and x.shape[1] > 0 and _finite_boxes(rois, spatial_scale):
-        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        cdt = compute_dtype(x.dtype)
         out, argmax = torch.ops.torchvision.roi_pool(x.to(cdt), rois.to(cdt), float(spatial_scale), ph, pw)
         return out.to(x.dtype), argmax.to(torch.int32)
     return _vectorized_roi_pool(x, rois, ph, pw, spatial_scale)
@@ -205,7 +203,7 @@ def _vectorized_roi_pool(x, rois, ph, pw, spatial_scale):
     dev = x.device
     if K == 0:
         return x.new_empty((0, C, ph, pw)), torch.empty((0, C, ph, pw), dtype=torch.int32, device=dev)
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype(x.dtype)
     r = rois.to(cdt)
     b = r[:, 0].nan_to_num(0).clamp(0, N - 1).long()
     coords = r[:, 1:] * spatial_scale
@@ -251,7 +249,7 @@ def _torch_roi_pool_bwd(grad, argmax, x, rois):
     valid = argmax >= 0
     dst = (b[:, None, None, None] * C + torch.arange(C, device=x.device)[None, :, None, None]) * (H * W) \
         + argmax.long().clamp_min(0)
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype(x.dtype)
     acc = torch.zeros(N * C * H * W, dtype=cdt, device=x.device)
     acc.index_add_(0, dst.reshape(-1), torch.where(valid, grad.to(cdt), torch.zeros_like(grad, dtype=cdt)).reshape(-1))
     return acc.reshape(N, C, H, W).to(x.dtype)
@@ -261,7 +259,7 @@ def _torch_roi_pool_bwd(grad, argmax, x, rois):
 @torch.library.custom_op("maskrcnn_fast::roi_pool_forward", mutates_args=())
 def _roi_pool_forward(input: torch.Tensor, rois: torch.Tensor, pooled_h: int, pooled_w: int,
                       spatial_scale: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    rois = rois.to(torch.float64 if input.dtype == torch.float64 else torch.float32).contiguous()
+    rois = rois.to(compute_dtype(input.dtype)).contiguous()
     with no_autocast(rois.device):
         if backend_for(rois) == "triton":
             return _launch_fwd(input, rois, pooled_h, pooled_w, spatial_scale)
@@ -277,7 +275,7 @@ def _(input, rois, pooled_h, pooled_w, spatial_scale, deterministic):
 @torch.library.custom_op("maskrcnn_fast::roi_pool_backward", mutates_args=())
 def _roi_pool_backward(grad: torch.Tensor, argmax: torch.Tensor, input: torch.Tensor, rois: torch.Tensor,
                        pooled_h: int, pooled_w: int, deterministic: bool) -> torch.Tensor:
-    rois = rois.to(torch.float64 if input.dtype == torch.float64 else torch.float32).contiguous()
+    rois = rois.to(compute_dtype(input.dtype)).contiguous()
     with no_autocast(rois.device):
         if backend_for(rois) == "triton":
             return _launch_bwd(grad, argmax.contiguous(), input, rois, pooled_h, pooled_w, deterministic)
@@ -325,7 +323,7 @@ def compile_specs() -> list[CompileSpec]:
         for dtype in ("float32", "float16", "bfloat16", "float64") if i == 0 else ("bfloat16",):
             t = TORCH_TO_TRITON[dtype]
             acc_t = "fp64" if dtype == "float64" else "fp32"
-            acc = _acc_dtype(getattr(torch, dtype))
+            acc = tl_compute_dtype(getattr(torch, dtype))
             for block_p in (64, 256) if dtype == "bfloat16" else (64,):
                 const = dict(BIG=_BIG, BLOCK_P=block_p, **block, ACC=acc)
                 sig = {"x_ptr": f"*{t}", "rois_ptr": f"*{acc_t}", "out_ptr": f"*{t}", "argmax_ptr": "*i32",
