@@ -35,14 +35,16 @@ CPU backend (``_torch_nms``: CPU without the interpreter, or ``kernels.use_backe
     above: the boxes are already in our order, and strictly decreasing stand-in scores
     (-position) keep torchvision's own sort from reordering ties; boxes that take no part (a non-finite
     coordinate, padding) become all-NaN boxes, whose IoU with anything is NaN, never above the threshold.
-    With class ids every class is moved along x into a strip of its own (dense class rank r: shift
-    r * (2 * span + 1), span = the image's extent of finite x), so boxes of different classes are
-    disjoint (IoU 0 or NaN). The shift is done in fp64 so that it does not round fp32 coordinates of
-    ordinary size; the IoU is then computed in fp64, which changes a decision only for an fp32 IoU within
-    rounding of the threshold. (One call also compares boxes across classes, at IoU 0: torchvision's own
-    batched_nms loops over the classes instead above 1000 boxes, with host syncs.) A negative threshold with class ids (disjoint boxes, IoU 0, would suppress each other)
-    runs the rule straight from its definition instead, slowly. Padding positions are dropped after
-    the call, so no data-dependent length is read on the host.
+    With class ids and up to ``PER_CLASS_ABOVE`` (1000) boxes, every class is moved along x into a strip
+    of its own (dense class rank r: shift r * (2 * span + 1), span = the image's extent of finite x), so
+    boxes of different classes are disjoint (IoU 0 or NaN) and one call does all classes. The shift is
+    done in fp64 so that it does not round fp32 coordinates of ordinary size; the IoU is then computed in
+    fp64, which changes a decision only for an fp32 IoU within rounding of the threshold. Above 1000 boxes
+    (as torchvision's own batched_nms) one call per class, in the compute dtype, so the work is
+    sum(n_c^2) rather than N^2; the class boundaries are read on the host, free on a CPU. A negative
+    threshold with class ids (disjoint boxes, IoU 0, would suppress each other) runs the rule straight
+    from its definition instead, slowly. Padding positions are dropped after the call, so no
+    data-dependent length is read on the host.
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ import triton.language as tl
 
 from kernels import _config
 from kernels._backend import (FLOAT_DTYPES, InputError, InputTypeError, backend_for, check_same_device,
-                              check_tensor, no_autocast)
+                              check_tensor, compute_dtype, no_autocast)
 from kernels._compile import TORCH_TO_TRITON, CompileSpec
 
 WORD = 64
@@ -280,9 +282,8 @@ def _torch_nms_image(boxes, cls, live, iou_threshold):
     shift rounds nothing); above it, one call per class on that class's boxes, whose boundaries are read
     on the host -- a sync, free on the CPU this runs on -- so that the work is sum(n_c^2), not N^2."""
     N = boxes.shape[0]
-    f64 = boxes.dtype == torch.float64
     strips = cls is not None and N <= PER_CLASS_ABOVE
-    dtype = torch.float64 if f64 or strips else torch.float32
+    dtype = torch.float64 if strips else compute_dtype(boxes.dtype)
     bx = torch.where(live[:, None], boxes.to(dtype), float("nan"))
     stand_in = -torch.arange(N, device=boxes.device, dtype=dtype)  # strictly decreasing: our order
     if cls is None:
@@ -301,18 +302,18 @@ def _torch_nms(boxes, cls, n_valid, iou_threshold, max_output):
 
     ``boxes [B,N,4]`` / ``cls [B,N]`` are sorted (``_sorted_inputs``), ``n_valid [B]`` counts the finite
     scores, ``iou_threshold`` is already an fp32 value. Returns kept positions in order then -1
-    ``[B,max_output]``, and their count ``[B]``. No host sync as the dispatcher sees it: the loop runs over
-    the B images and only tensor shapes reach Python. On CUDA torchvision's nms would itself sync for its
-    output length; CUDA tensors always run the Triton kernels instead.
+    ``[B,max_output]``, and their count ``[B]``. The loop runs over the B images; only tensor shapes reach
+    Python, except the per-class counts above ``PER_CLASS_ABOVE`` boxes (a host read, free on a CPU). On
+    CUDA torchvision's nms would itself sync for its output length; CUDA tensors always run the Triton
+    kernels instead.
     """
     B, N = boxes.shape[:2]
     dev = boxes.device
     pos = torch.arange(N, device=dev)
     live = torch.isfinite(boxes).all(-1) & (pos < n_valid[:, None])  # the boxes that take part
     keep = torch.full((B, max_output), -1, dtype=torch.int64, device=dev)
-    f64 = boxes.dtype == torch.float64
     if cls is not None and iou_threshold < 0:
-        kept = _greedy_by_definition(boxes.to(torch.float64 if f64 else torch.float32), cls, live, iou_threshold)
+        kept = _greedy_by_definition(boxes.to(compute_dtype(boxes.dtype)), cls, live, iou_threshold)
         slot = torch.where(kept, kept.cumsum(1) - 1, max_output).clamp_max(max_output)
         spill = torch.full((B, max_output + 1), -1, dtype=torch.int64, device=dev)
         keep = spill.scatter_(1, slot, pos.expand(B, N))[:, :max_output]  # column max_output is a spill bin
@@ -369,12 +370,13 @@ def _batched_nms_impl(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Ten
             return torch.empty(0, dtype=torch.int64, device=boxes.device)
         if backend_for(boxes) == "torch" and iou_threshold >= 0:
             # the drop-in syncs for its length anyway: the lean CPU path, without the padded machinery
-            s = torch.where(torch.isnan(scores), float("-inf"), scores)
-            order = torch.sort(s, descending=True, stable=True).indices
-            live = torch.isfinite(s[order]) & torch.isfinite(boxes[order]).all(1)
-            live_scores = torch.isfinite(s[order])
-            pos = _torch_nms_image(boxes[order], None if idxs is None else idxs[order], live, _fp32(iou_threshold))
-            return order[pos[live_scores[pos]]]  # -inf scores (padding) are never kept
+            s_sorted, order = torch.sort(torch.where(torch.isnan(scores), float("-inf"), scores),
+                                         descending=True, stable=True)
+            boxes_sorted = boxes[order]
+            scored = s_sorted > float("-inf")  # -inf scores (and NaN, made -inf) are padding: never kept
+            live = scored & torch.isfinite(boxes_sorted).all(1)
+            pos = _torch_nms_image(boxes_sorted, None if idxs is None else idxs[order], live, _fp32(iou_threshold))
+            return order[pos[scored[pos]]]
         keep, count = _nms_padded(boxes[None], scores[None], None if idxs is None else idxs[None], iou_threshold, N)
         return keep[0, :int(count[0])].clone()  # the drop-in API's output length is data-dependent: one sync
 

@@ -166,6 +166,17 @@ def test_nms_padded_makes_no_host_sync(backend, n):
     assert counts.syncs == 0, counts.sync_sites
 
 
+def test_infinite_scores_are_kept_like_any_other(backend):
+    boxes = torch.tensor([[0.0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]])
+    scores = torch.tensor([float("inf"), 0.9, 0.5])  # +inf ranks first; only -inf marks padding
+    expected = torchvision.ops.nms(boxes, scores, 0.5)
+    assert expected.tolist() == [0, 2]
+    assert torch.equal(nms(boxes, scores, 0.5), expected)
+    assert torch.equal(batched_nms(boxes, scores, torch.zeros(3, dtype=torch.int64), 0.5), expected)
+    keep, num = nms_padded(boxes[None], scores[None], 0.5, 3)
+    assert keep[0].tolist() == [0, 2, -1] and num.tolist() == [2]
+
+
 def test_torch_backend_per_class_path_equals_kernel_above_threshold():
     from kernels.nms import PER_CLASS_ABOVE
     n = PER_CLASS_ABOVE + 37
