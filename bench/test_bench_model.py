@@ -56,13 +56,15 @@ def test_train_step(benchmark, impl):
             _train_step(model, images, targets)  # warm-up (Triton compiles, cuDNN picks algorithms)
         # syncs are counted on the static-shape path the GPU runs; on the PyTorch CPU backend the mask
         # branch takes only the positive RoIs (a free host sync there; MaskRCNNConfig.mask_branch_positives_only)
-        static = getattr(getattr(model, "roi_heads", None), "cfg", None)
-        if impl == "ours":
-            static.mask_branch_positives_only = False
-        with count_syncs(record_sites=False) as counts:
-            _train_step(model, images, targets)
-        if impl == "ours":
-            static.mask_branch_positives_only = None
+        cfg = model.roi_heads.cfg if impl == "ours" else None
+        if cfg is not None:
+            cfg.mask_branch_positives_only = False
+        try:
+            with count_syncs(record_sites=False) as counts:
+                _train_step(model, images, targets)
+        finally:
+            if cfg is not None:
+                cfg.mask_branch_positives_only = None
         benchmark.group = f"model train_step B{BATCH} {SIZE[0]}x{SIZE[1]}" + (" bf16" if CUDA else "")
         benchmark.extra_info.update(impl=impl, host_syncs=counts.syncs, dispatched_ops=counts.ops,
                                     device=torch.cuda.get_device_name() if CUDA else "cpu")

@@ -52,15 +52,15 @@ def backend_for(t: torch.Tensor) -> str:
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-# Errors are what we document *and* what torchvision raises for the same input, so that code
-# written against either keeps working: torchvision's C++ checks raise RuntimeError, its Python
-# box-shape check (torch._assert) raises AssertionError.
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """What every op computes and accumulates in for inputs of ``dtype``: fp64 for fp64, else fp32
     (fp16/bf16 are up-cast in registers, never copied)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Errors are what we document *and* what torchvision raises for the same input, so that code
+# written against either keeps working: torchvision's C++ checks raise RuntimeError, its Python
+# box-shape check (torch._assert) raises AssertionError.
 class InputError(ValueError, RuntimeError):
     """A bad shape, size or value (a ``ValueError``; torchvision raises ``RuntimeError``)."""
 

@@ -100,16 +100,20 @@ class _Counter(TorchDispatchMode):
         if made is not None:
             self.counts.host_data += 1
             if self.record_sites:
-                frames = [f for f in traceback.extract_stack()[:-2] if "/torch/" not in f.filename]
-                self.counts.host_data_sites.append((made, [f"{f.filename}:{f.lineno} {f.name}" for f in frames[-4:]]))
+                self.counts.host_data_sites.append((made, _call_site()))
         why = _is_sync(func, args, kwargs)
         if why is not None:
             self.counts.syncs += 1
             self.counts.sync_ops[why] += 1
             if self.record_sites:
-                frames = [f for f in traceback.extract_stack()[:-2] if "/torch/" not in f.filename]
-                self.counts.sync_sites.append((why, [f"{f.filename}:{f.lineno} {f.name}" for f in frames[-4:]]))
+                self.counts.sync_sites.append((why, _call_site()))
         return func(*args, **kwargs)
+
+
+def _call_site() -> list[str]:
+    """The innermost frames outside torch (and outside this module) of the op being dispatched."""
+    frames = [f for f in traceback.extract_stack()[:-3] if "/torch/" not in f.filename]
+    return [f"{f.filename}:{f.lineno} {f.name}" for f in frames[-4:]]
 
 
 @contextlib.contextmanager
