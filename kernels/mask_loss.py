@@ -372,8 +372,12 @@ def _torch_predictor_bwd(grad_loss, grad, features, weight, labels):
 # ----------------------------------------------------------------------------------------------
 # torch.library registration
 # ----------------------------------------------------------------------------------------------
-def _torch_targets(targets, gt_boxes, gt_idx, M):
-    return targets if gt_boxes is None else project_masks_on_boxes(targets, gt_boxes, gt_idx, M)
+def _torch_targets(targets, gt_boxes, gt_idx, like):
+    """Targets [R,M,M]; from gt masks, projected in ``like``'s compute dtype, as the kernels' in-kernel
+    projection does (fp64 for fp64 logits/features whatever the boxes' dtype)."""
+    if gt_boxes is None:
+        return targets
+    return project_masks_on_boxes(targets, gt_boxes.to(compute_dtype(like.dtype)), gt_idx, like.shape[-1])
 
 
 # ``targets`` is [R,M,M], or with gt_boxes [R,4] / gt_idx [R] given, the gt masks [G,H,W] to project.
@@ -387,7 +391,7 @@ def _loss_op(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, 
     with no_autocast(logits.device):
         if backend_for(logits) == "triton":
             return _launch_loss_fwd(logits, labels, targets, gt_boxes, gt_idx, roi_weight, need_grad)
-        targets = _torch_targets(targets, gt_boxes, gt_idx, logits.shape[-1])
+        targets = _torch_targets(targets, gt_boxes, gt_idx, logits)
         return _torch_loss_fwd(logits, labels, targets, roi_weight, need_grad)
 
 
@@ -436,7 +440,7 @@ def _predictor_op(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         if backend_for(features) == "triton":
             return _launch_predictor_fwd(features, weight, bias, labels, targets, gt_boxes, gt_idx, roi_weight,
                                          need_grad, False)
-        targets = _torch_targets(targets, gt_boxes, gt_idx, features.shape[-1])
+        targets = _torch_targets(targets, gt_boxes, gt_idx, features)
         x = _torch_label_logits(features, weight, bias, labels)
         return _torch_bce(x, targets.reshape(x.shape).to(x.dtype), roi_weight, need_grad)
 

@@ -36,15 +36,15 @@ def test_matches_torchvision(impl, R, G, H, W, M):
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("mask_dtype", [torch.uint8, torch.float64])
 def test_float64_boxes_match_torchvision(impl, mask_dtype):
-    """float64 boxes give float64 targets, as torchvision's do. Their precision is kernels.roi_align's
-    for float64 input (fp32 maths when this was written): 1e-6 here, not 1e-12."""
+    """float64 boxes give float64 targets computed in float64 (kernels.roi_align's fp64 path), as
+    torchvision's are."""
     masks, boxes, matched = make_case(5, 2, 21, 17, seed=10)
     masks, boxes = masks.to(mask_dtype), boxes.double()
     with kernels.use_backend(impl):
         ours = project_masks_on_boxes(masks, boxes, matched, 7)
     ref = tv_project(masks, boxes, matched, 7)
     assert ours.dtype == ref.dtype == torch.float64
-    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=0)
 
 
 def test_float_masks_and_empty():
@@ -109,9 +109,9 @@ def test_loss_with_targets_from_gt_matches_projected_targets(impl, mask_dtype, R
 
 
 # precision of the loss with targets from gt, by logits dtype: the Triton kernels project in the loss's
-# compute dtype (fp64 for fp64 logits). The PyTorch backend materializes the targets with
-# kernels.roi_align, whose float64 path had fp32 maths when this was written: 1e-6 there.
-GT_LOSS_TOL = {("triton", torch.float64): 1e-12, ("torch", torch.float64): 1e-6,
+# compute dtype (fp64 for fp64 logits); the PyTorch backend materializes the targets with
+# kernels.roi_align, which computes fp64 input in fp64 too.
+GT_LOSS_TOL = {("triton", torch.float64): 1e-12, ("torch", torch.float64): 1e-12,
                ("triton", torch.float32): 1e-6, ("torch", torch.float32): 1e-6}
 
 
