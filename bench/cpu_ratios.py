@@ -5,7 +5,8 @@
 The CPU backend (no TRITON_INTERPRET) is what ``make demo`` and every CPU user run, so it must never be
 slower than torchvision's own CPU ops. Each case times ours and torchvision's alternately (min of
 ``--repeat`` runs after a warm-up, so a background blip hits both sides alike) and prints
-``ratio = ours / torchvision`` (lower is better; the goal is <= 1.0, <= 1.5 for NMS).
+``ratio = ours / torchvision`` (lower is better; the goal is <= 1.0, <= 1.5 for NMS). Cases under 10 ms
+take at least 50 runs.
 
 Cases: NMS and batched NMS (80 classes) at 300 / 2k / 10k boxes; RoIAlign forward+backward on one
 level at the box-head shape; multi-level RoIAlign forward+backward (4 FPN levels, as
@@ -32,6 +33,10 @@ import kernels  # noqa: E402
 
 def _time_pair(ours, theirs, repeat: int) -> tuple[float, float]:
     ours(), theirs()  # warm-up
+    t0 = time.perf_counter()
+    theirs()
+    if time.perf_counter() - t0 < 0.01:
+        repeat = max(repeat, 50)  # sub-10 ms cases: the min of 5 runs is still noisy at this scale
     a, b = [], []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -120,7 +125,7 @@ def main(argv=None) -> int:
     if not args.quick:
         cases.append(("ResNet-50-FPN training step, 2 x 128x160", 1.0, *_train_step_case()))
     lines = [f"torch {torch.__version__}, torchvision {torchvision.__version__}, {torch.get_num_threads()} threads, "
-             f"min of {repeat} interleaved runs", "",
+             f"min of {repeat} interleaved runs (50 under 10 ms)", "",
              "| case | ours (ms) | torchvision (ms) | ratio | goal |", "| --- | ---: | ---: | ---: | ---: |"]
     print("\n".join(lines), flush=True)
     worst = 0.0
