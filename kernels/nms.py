@@ -44,7 +44,9 @@ CPU backend (``_torch_nms``: CPU without the interpreter, or ``kernels.use_backe
     sum(n_c^2) rather than N^2; the class boundaries are read on the host, free on a CPU. A negative
     threshold with class ids (disjoint boxes, IoU 0, would suppress each other) runs the rule straight
     from its definition instead, slowly. Padding positions are dropped after the call, so no
-    data-dependent length is read on the host.
+    data-dependent length is read on the host. The eager drop-ins (``nms``/``batched_nms``, which sync for
+    their length anyway) first try ``_torch_nms_flat_common_case``: all inputs finite, torchvision's nms
+    on the real scores with no stand-ins, ~10 tensor ops instead of ~30.
 """
 from __future__ import annotations
 
@@ -362,6 +364,31 @@ def nms_padded(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, 
     return _nms_padded(boxes, scores, idxs, _threshold(iou_threshold), int(max_output))
 
 
+def _torch_nms_flat_common_case(boxes, scores, idxs, iou_threshold):
+    """Eager CPU drop-in when every box is finite and every score above -inf (not NaN), else None.
+
+    Then our rule is torchvision's own: its CPU nms sorts the real scores stably, so no stand-in scores,
+    gathers or NaN boxes are needed. Classes (at most ``PER_CLASS_ABOVE`` boxes, ids spanning at most
+    as many values) are shifted diagonally by (id - min id) * (2 * span + 1) in fp64, which rounds no
+    fp32/fp16/bf16 coordinate. The checks read values on the host: free on a CPU, and this drop-in
+    syncs for its output length anyway. Costs ~10 ops where the general path takes ~30 (300 boxes x
+    80 classes: the overhead was as long as torchvision's NMS itself)."""
+    if not bool(torch.isfinite(boxes).all() & (scores > float("-inf")).all()):
+        return None
+    if idxs is None:
+        dtype = compute_dtype(boxes.dtype)
+        return torchvision.ops.nms(boxes.to(dtype), scores.to(dtype), iou_threshold)
+    N = boxes.shape[0]
+    if N > PER_CLASS_ABOVE or boxes.dtype == torch.float64:
+        return None  # per-class calls (large N); fp64 coordinates could round when shifted
+    lo, hi = (float(v) for v in boxes.aminmax())
+    id_lo, id_hi = (int(v) for v in idxs.aminmax())
+    if id_hi - id_lo > PER_CLASS_ABOVE:
+        return None  # sparse ids: the general path ranks them densely
+    shift = (idxs - id_lo).to(torch.float64) * (2 * (hi - lo) + 1)  # ids subtracted exactly, as ints
+    return torchvision.ops.nms(boxes.to(torch.float64) + shift[:, None], scores.to(torch.float64), iou_threshold)
+
+
 def _batched_nms_impl(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor | None,
                       iou_threshold: float) -> torch.Tensor:
     N = boxes.shape[0]
@@ -370,6 +397,9 @@ def _batched_nms_impl(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Ten
             return torch.empty(0, dtype=torch.int64, device=boxes.device)
         if backend_for(boxes) == "torch" and iou_threshold >= 0:
             # the drop-in syncs for its length anyway: the lean CPU path, without the padded machinery
+            kept = _torch_nms_flat_common_case(boxes, scores, idxs, _fp32(iou_threshold))
+            if kept is not None:
+                return kept
             s_sorted, order = torch.sort(torch.where(torch.isnan(scores), float("-inf"), scores),
                                          descending=True, stable=True)
             boxes_sorted = boxes[order]

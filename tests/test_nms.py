@@ -392,3 +392,23 @@ def test_cuda_post_processing_shape():
     for b in range(8):
         ref = torchvision.ops.batched_nms(boxes[b], scores[b], idxs[b], 0.5)[:100]
         assert torch.equal(keep[b, :int(num[b])], ref)
+
+
+@pytest.mark.parametrize("ids", ["dense", "sparse", "huge_adjacent"])
+@pytest.mark.parametrize("special", [False, True])
+def test_flat_drop_in_cpu_paths_equal_kernels(ids, special):
+    """The eager CPU drop-in has a lean path (every box finite, every score > -inf, dense class ids) and the
+    general one: both give the kernels' keep list, whichever inputs pick them."""
+    boxes, scores, idxs = awkward_batch(300, seed=3)
+    boxes, scores, idxs = boxes[0], scores[0], idxs[0]
+    if not special:  # drop the non-finite boxes and the NaN/-inf scores: the lean path's inputs
+        boxes, scores = boxes.nan_to_num(0.0, 0.0, 0.0), scores.nan_to_num(0.0, 3.0, 0.0)
+    idxs = {"dense": idxs.remainder(5), "sparse": idxs,
+            "huge_adjacent": 2**60 + idxs.remainder(2)}[ids]  # ids that fp64 cannot tell apart
+    out = {}
+    for name in BACKENDS:
+        with kernels.use_backend(name):
+            out[name] = (batched_nms(boxes, scores, idxs, 0.5), nms(boxes, scores, 0.5))
+    assert torch.equal(out["torch"][0], out["triton"][0])
+    assert torch.equal(out["torch"][1], out["triton"][1])
+    assert len(out["torch"][0]) < 300 and len(out["torch"][1]) < len(out["torch"][0])
