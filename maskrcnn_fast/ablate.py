@@ -1,76 +1,249 @@
-"""The paper's three ablations (He et al., 2017, Table 2) on shapes, each at the same budget.
+"""The paper's three ablations (He et al., 2017, Table 2) on shapes, several seeds per variant.
 
-    RoIAlign vs RoIPool          (pooler)      Table 2c
-    sigmoid vs softmax masks     (mask_loss)   Table 2b
-    FCN vs MLP mask head         (mask_head)   Table 2e
+    RoIAlign vs RoIPool, FPN levels    (pooler)                 Table 2c
+    RoIAlign vs RoIPool, stride 32     (pooler, pool_level=3)   Table 2c, the stride-32 rows
+    sigmoid vs softmax masks           (mask_loss)              Table 2b
+    FCN vs MLP mask head               (mask_head)              Table 2e
 
-The baseline (RoIAlign, sigmoid, FCN) is trained once and shared by the three comparisons; each
-variant changes one switch. Every run uses the same seed, data, iterations and schedule. Writes
-``ablation.md`` (a markdown table of mask and box AP) and ``ablation.png`` (a bar plot) to ``--out``.
+Every variant changes one switch of the baseline (RoIAlign, sigmoid, FCN, FPN levels) and trains
+with the same data, iterations and schedule, once per seed (the seed sets the weights, the sample
+order and the generated data, so a seed is a paired trial across variants). The stride-32 pair
+pools every RoI from P5 (4x4 cells on a 128 px image), where RoIPool's rounding of boxes and bins
+to whole cells costs most, as in the paper's stride-32 ResNet-50-C5 row.
+
+Resumable: run ``seed`` of variant ``v`` lives in ``OUT/<v>/seed<seed>/``. A run whose
+``metrics.json`` holds the requested budget is done and skipped; a run with only ``last.pt`` was
+interrupted and resumes from it exactly (see :mod:`maskrcnn_fast.train`); the rest start fresh.
+``OUT/progress.txt`` is rewritten after every run. The table (``ablation.md``), the numbers
+(``ablation.json``) and the plot (``ablation.png``) are rewritten from all finished runs.
+
+The softmax variant also gets a diagnostic, stored beside its score and never in place of it:
+COCO AP with each mask pixel scored 1 - p(background) instead of p(detected class), and the largest
+class probability of any pixel over all detections (see the README's ablation section).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import statistics
+import subprocess
+import sys
+import time
 
+import torch
+
+from maskrcnn_fast.errors import UserError
 from maskrcnn_fast.plots import plot_ablation
 from maskrcnn_fast.train import TrainConfig, check_out_dir, shapes_model_kwargs, train
 
+BASELINE = "baseline (RoIAlign, sigmoid, FCN)"
 VARIANTS = (
-    ("baseline (RoIAlign, sigmoid, FCN)", {}),
+    (BASELINE, {}),
     ("RoIPool", {"pooler": "roi_pool"}),
+    ("RoIAlign, stride 32", {"pool_level": 3}),
+    ("RoIPool, stride 32", {"pooler": "roi_pool", "pool_level": 3}),
     ("softmax masks", {"mask_loss": "softmax"}),
     ("MLP mask head", {"mask_head": "mlp"}),
 )
-COMPARISONS = (
-    ("RoIAlign vs RoIPool", "RoIPool"),
-    ("sigmoid vs softmax", "softmax masks"),
-    ("FCN vs MLP mask head", "MLP mask head"),
+COMPARISONS = (  # (comparison, reference variant, variant)
+    ("RoIAlign vs RoIPool (FPN levels)", BASELINE, "RoIPool"),
+    ("RoIAlign vs RoIPool (stride 32)", "RoIAlign, stride 32", "RoIPool, stride 32"),
+    ("sigmoid vs softmax", BASELINE, "softmax masks"),
+    ("FCN vs MLP mask head", BASELINE, "MLP mask head"),
 )
+METRICS = ("AP", "AP50", "AP75")
+ABLATE_ITERS = 300  # the default budget per run; see the README for why
 
 
-def markdown_table(rows: list[dict], base: TrainConfig) -> str:
+def slug(name: str) -> str:
+    return name.split(" (")[0].lower().replace(",", "").replace(" ", "_")
+
+
+def selected(only: list[str] | None) -> list[tuple[str, dict]]:
+    """The baseline plus the variants named in ``only`` (substrings, case-insensitive; None: all)."""
+    keep = [v for v in VARIANTS if not only or v[0] == BASELINE
+            or any(o.lower() in v[0].lower() or o.lower() == slug(v[0]) for o in only)]
+    if only and len(keep) == 1:
+        raise UserError(f"--only {' '.join(only)} names no variant; variants: "
+                        + ", ".join(slug(n) for n, _ in VARIANTS[1:]))
+    return keep
+
+
+# ---------------------------------------------------------------------- one run
+def _finished(out: str, cfg: TrainConfig) -> dict | None:
+    """The stored metrics of a run that completed this budget, else None; a finished run of
+    another budget or model in the same folder is an error, not something to mix in."""
+    path = os.path.join(out, "metrics.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    stored = saved.get("config", {})
+    want = dataclasses.asdict(cfg)
+    diffs = [k for k in ("iters", "batch_size", "lr", "image_size", "train_images", "val_images", "seed")
+             if stored.get(k) != want[k]]
+    if json.loads(json.dumps(want["model_kwargs"])) != stored.get("model_kwargs"):
+        diffs.append("model_kwargs")
+    if diffs:
+        raise UserError(f"{out} holds a finished run with other settings ({', '.join(diffs)}); "
+                        "use another --out or delete it")
+    return saved if saved.get("iter") == cfg.iters else None
+
+
+@torch.no_grad()
+def softmax_diagnostic(run_dir: str, cfg: TrainConfig) -> dict:
+    """COCO AP of the trained softmax model with masks scored 1 - p(background), and the largest
+    p(detected class) of any mask pixel over all validation detections."""
+    from maskrcnn_fast.data import build_dataset
+    from maskrcnn_fast.evaluate import evaluate
+    from maskrcnn_fast.predict import load_model
+
+    path = os.path.join(run_dir, "diagnostic.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    val = build_dataset(cfg.data, "val", image_size=cfg.image_size, num_images=cfg.val_images, seed=cfg.seed)
+    model, _, _, _ = load_model(os.path.join(run_dir, "last.pt"), "cpu", expect_num_classes=val.num_classes)
+    largest, detections = 0.0, 0
+    for i in range(len(val)):
+        out = model([val[i][0]])[0]
+        detections += len(out["scores"])
+        if len(out["scores"]):
+            largest = max(largest, float(out["masks"].max()))
+    model.roi_heads.softmax_foreground = True
+    metrics = evaluate(model, val, "cpu")
+    diag = {"foreground_segm": metrics["segm"], "largest_class_prob": largest, "detections": detections}
+    with open(path, "w") as f:
+        json.dump(diag, f, indent=1)
+    return diag
+
+
+# ---------------------------------------------------------------------- summary
+def summarize(runs: dict[str, list[dict]]) -> list[dict]:
+    """Per variant: mean and sample standard deviation over its seeds of every reported metric."""
+    rows = []
+    for name, switches in VARIANTS:
+        done = runs.get(name, [])
+        if not done:
+            continue
+        row = {"name": name, "switches": switches, "seeds": [r["seed"] for r in done], "runs": done}
+        for kind in ("segm", "bbox"):
+            for m in METRICS:
+                vals = [r[kind][m] for r in done]
+                row.setdefault("mean", {}).setdefault(kind, {})[m] = statistics.fmean(vals)
+                row.setdefault("std", {}).setdefault(kind, {})[m] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        diags = [r["diagnostic"] for r in done if "diagnostic" in r]
+        if diags:
+            fg = [d["foreground_segm"] for d in diags]
+            row["diagnostic"] = {
+                "foreground_segm_mean": {m: statistics.fmean(d[m] for d in fg) for m in METRICS},
+                "foreground_segm_std": {m: statistics.stdev([d[m] for d in fg]) if len(fg) > 1 else 0.0
+                                        for m in METRICS},
+                "largest_class_prob": [d["largest_class_prob"] for d in diags],
+                "detections": [d["detections"] for d in diags]}
+        rows.append(row)
+    return rows
+
+
+def _cell(row: dict, kind: str, m: str) -> str:
+    return f"{100 * row['mean'][kind][m]:.1f} ± {100 * row['std'][kind][m]:.1f}"
+
+
+def markdown_table(rows: list[dict], base: TrainConfig, seeds: int) -> str:
     by_name = {r["name"]: r for r in rows}
-    baseline = rows[0]
-    lines = ["| comparison | setting | mask AP | mask AP50 | mask AP75 | box AP | box AP50 |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-
-    def row(comparison: str, r: dict) -> str:
-        s, b = r["segm"], r["bbox"]
-        return (f"| {comparison} | {r['name']} | {100 * s['AP']:.1f} | {100 * s['AP50']:.1f} | "
-                f"{100 * s['AP75']:.1f} | {100 * b['AP']:.1f} | {100 * b['AP50']:.1f} |")
-
-    for comparison, variant in COMPARISONS:
-        if variant in by_name:
-            lines.append(row(comparison, baseline))
-            lines.append(row("", by_name[variant]))
+    lines = ["| comparison | setting | seeds | mask AP | mask AP50 | mask AP75 | box AP | box AP50 | box AP75 |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for comparison, ref, variant in COMPARISONS:
+        if ref in by_name and variant in by_name:
+            for label, r in ((comparison, by_name[ref]), ("", by_name[variant])):
+                cells = [_cell(r, "segm", m) for m in METRICS] + [_cell(r, "bbox", m) for m in METRICS]
+                lines.append(f"| {label} | {r['name']} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"Shapes val ({base.val_images} images, {base.image_size} px), {base.backbone}-FPN from scratch, "
-                 f"{base.iters} iterations x batch {base.batch_size} per run, lr {base.lr or 0.02}, seed {base.seed}; "
-                 "COCO AP (%) from pycocotools' COCOeval.")
+    for r in rows:
+        if "diagnostic" in r:
+            d = r["diagnostic"]
+            fg = " / ".join(f"{100 * d['foreground_segm_mean'][m]:.1f} ± {100 * d['foreground_segm_std'][m]:.1f}"
+                            for m in METRICS)
+            lines.append(f"Diagnostic, not a score: {r['name']} with masks scored 1 - p(background): mask AP / "
+                         f"AP50 / AP75 {fg}; largest p(class) of any mask pixel per seed: "
+                         + ", ".join(f"{p:.3f}" for p in d["largest_class_prob"])
+                         + " (over " + ", ".join(str(n) for n in d["detections"]) + " detections).")
+            lines.append("")
+    lines.append(f"Mean ± sample std over seeds {base.seed}..{base.seed + seeds - 1}. Shapes val ({base.val_images} "
+                 f"images, {base.image_size} px), {base.backbone}-FPN from scratch, {base.iters} iterations x batch "
+                 f"{base.batch_size} per run, lr {base.lr or 0.02}, {base.schedule} schedule; COCO AP (%) from "
+                 "pycocotools' COCOeval at the end of each run.")
     return "\n".join(lines) + "\n"
 
 
-def ablate(base: TrainConfig, only: list[str] | None = None) -> list[dict]:
-    """Train every variant under ``base.out/<variant>``; write the table and plot; return the rows."""
-    check_out_dir(base.out)
-    model_kwargs = base.model_kwargs or shapes_model_kwargs(base.image_size)
-    rows = []
-    for name, switches in VARIANTS:
-        if only and name != VARIANTS[0][0] and not any(s in name.lower() for s in only):
-            continue
-        slug = name.split(" (")[0].lower().replace(" ", "_")
-        cfg = dataclasses.replace(base, out=os.path.join(base.out, slug), resume=False,
-                                  model_kwargs={**model_kwargs, **switches})
-        print(f"== {name}: {switches or 'paper defaults'}")
-        metrics = train(cfg)
-        rows.append({"name": name, "switches": switches, "bbox": metrics["bbox"], "segm": metrics["segm"]})
-    with open(os.path.join(base.out, "ablation.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    table = markdown_table(rows, base)
-    with open(os.path.join(base.out, "ablation.md"), "w") as f:
+def write_report(out: str, rows: list[dict], base: TrainConfig, seeds: int) -> str:
+    with open(os.path.join(out, "ablation.json"), "w") as f:
+        json.dump({"config": dataclasses.asdict(base), "seeds": seeds, "variants": rows}, f, indent=1)
+    table = markdown_table(rows, base, seeds)
+    with open(os.path.join(out, "ablation.md"), "w") as f:
         f.write(table)
-    plot_ablation(rows, os.path.join(base.out, "ablation.png"))
+    plot_ablation(rows, os.path.join(out, "ablation.png"))
+    return table
+
+
+# ---------------------------------------------------------------------- driver
+def ablate(base: TrainConfig, only: list[str] | None = None, seeds: int = 3) -> list[dict]:
+    """Train every (variant, seed) under ``base.out``, skipping finished runs and resuming
+    interrupted ones; write progress, table, numbers and plot; return the summary rows."""
+    check_out_dir(base.out)
+    if seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {seeds}")
+    model_kwargs = base.model_kwargs or shapes_model_kwargs(base.image_size)
+    plan = [(name, switches, base.seed + k) for name, switches in selected(only) for k in range(seeds)]
+    runs: dict[str, list[dict]] = {}
+    status = ["pending"] * len(plan)
+    started = time.time()
+
+    def progress(i_now: int | None) -> None:
+        done = sum(s.startswith("done") for s in status)
+        lines = [f"ablation {done}/{len(plan)} runs done, {(time.time() - started) / 60:.1f} min in this session"]
+        for k, ((name, _, seed), s) in enumerate(zip(plan, status)):
+            lines.append(f"{'>' if k == i_now else ' '} {name:<34} seed {seed}: {s}")
+        with open(os.path.join(base.out, "progress.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+    for i, (name, switches, seed) in enumerate(plan):
+        run_dir = os.path.join(base.out, slug(name), f"seed{seed}")
+        cfg = dataclasses.replace(base, out=run_dir, seed=seed, resume=False,
+                                  model_kwargs={**model_kwargs, **switches})
+        metrics = _finished(run_dir, cfg)
+        if metrics is None:
+            resume = os.path.exists(os.path.join(run_dir, "last.pt"))
+            status[i] = "resuming from last.pt" if resume else "running"
+            progress(i)
+            print(f"== [{i + 1}/{len(plan)}] {name}, seed {seed}: {switches or 'paper defaults'}"
+                  + (" (resuming)" if resume else ""), flush=True)
+            metrics = train(dataclasses.replace(cfg, resume=resume))
+            if metrics is None:  # stopped before the end (stop_after): not a result
+                status[i] = "stopped"
+                progress(None)
+                continue
+        result = {"seed": seed, "bbox": metrics["bbox"], "segm": metrics["segm"]}
+        if switches.get("mask_loss") == "softmax":
+            result["diagnostic"] = softmax_diagnostic(run_dir, cfg)
+        runs.setdefault(name, []).append(result)
+        status[i] = f"done: mask AP {100 * metrics['segm']['AP']:.1f}, box AP {100 * metrics['bbox']['AP']:.1f}"
+        progress(None)
+    rows = summarize(runs)
+    table = write_report(base.out, rows, base, seeds)
     print(table)
     return rows
+
+
+def launch_background(argv: list[str], out: str) -> int:
+    """Re-run this ablate command detached (survives the shell), logging to ``OUT/ablate.log``."""
+    check_out_dir(out)
+    log_path = os.path.join(out, "ablate.log")
+    args = [a for a in argv if a != "--background"]
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "maskrcnn_fast", *args], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    print(f"ablation running in the background (pid {proc.pid}); progress: {out}/progress.txt, log: {log_path}; "
+          "rerun the same command to resume after an interruption")
+    return proc.pid

@@ -126,17 +126,21 @@ def cmd_predict(args) -> int:
 
 
 def cmd_ablate(args) -> int:
-    """The paper's ablations on shapes: RoIAlign/RoIPool, sigmoid/softmax, FCN/MLP mask head."""
-    from maskrcnn_fast.ablate import ablate
+    """The paper's ablations on shapes, several seeds each: RoIAlign/RoIPool (FPN levels and stride 32),
+    sigmoid/softmax, FCN/MLP mask head. Resumes where it stopped; --background detaches it."""
+    from maskrcnn_fast.ablate import ABLATE_ITERS, ablate, launch_background
 
     cfg = _train_config(args)
     if cfg.iters is None:
-        cfg.iters = 300
+        cfg.iters = ABLATE_ITERS
     if args.eval_every is None:
         cfg.eval_every = 0
     if not cfg.data.startswith("shapes"):
         raise UserError("ablate runs on the shapes data only")
-    ablate(cfg, args.only)
+    if args.background:
+        launch_background(sys.argv[1:] if args.argv is None else args.argv, cfg.out)
+        return 0
+    ablate(cfg, args.only, args.seeds)
     return 0
 
 
@@ -171,7 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ablate", help=cmd_ablate.__doc__)
     _add_train_args(p)
     p.set_defaults(out="runs/ablate")
-    p.add_argument("--only", nargs="*", default=None, help="variants to run besides the baseline: roipool softmax mlp")
+    p.add_argument("--only", nargs="*", default=None,
+                   help="variants to run besides the baseline (substrings): roipool stride softmax mlp")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per variant (seed, seed+1, ...)")
+    p.add_argument("--background", action="store_true",
+                   help="run detached, logging to OUT/ablate.log; progress in OUT/progress.txt")
     p.set_defaults(func=cmd_ablate)
 
     sub.add_parser("selfcheck", help=cmd_selfcheck.__doc__).set_defaults(func=cmd_selfcheck)
@@ -182,6 +190,7 @@ def main(argv=None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        args.argv = argv  # ablate --background re-runs the same command
         if args.command is None:
             args = parser.parse_args(["train"])
         return args.func(args)

@@ -75,6 +75,9 @@ class MaskRCNNConfig:
 
     # --- ablations (He et al., Table 2) ---
     pooler: str = "roi_align"        # "roi_align" | "roi_pool"
+    # None: each RoI is pooled from its FPN level (FPN eq. 1). 0..3: every RoI from P2..P5 (stride 4..32);
+    # 3 is the paper's stride-32 RoIAlign/RoIPool row (Table 2c), where RoIPool's quantization costs most
+    pool_level: Optional[int] = None
     mask_loss: str = "sigmoid"       # "sigmoid" (per-class binary) | "softmax" (multinomial over classes)
     mask_head: str = "fcn"           # "fcn" | "mlp"
     fused_mask_loss: bool = False    # 1x1 predictor + loss in one kernel (sigmoid loss only)
@@ -96,6 +99,8 @@ class MaskRCNNConfig:
         self.image_mean = tuple(float(v) for v in self.image_mean)
         self.image_std = tuple(float(v) for v in self.image_std)
         self.bbox_reg_weights = tuple(float(v) for v in self.bbox_reg_weights)
+        if self.pool_level is not None and self.pool_level not in (0, 1, 2, 3):
+            raise ValueError(f"pool_level must be None or one of 0..3 (P2..P5), got {self.pool_level!r}")
         if not 0 <= self.trainable_backbone_layers <= 5:
             raise ValueError(f"trainable_backbone_layers must be in [0, 5], got {self.trainable_backbone_layers}")
 

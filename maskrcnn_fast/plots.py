@@ -54,16 +54,22 @@ def plot_curves(log_path: str, history: list[dict], out_path: str) -> None:
 
 
 def plot_ablation(rows: list[dict], out_path: str) -> None:
-    """Grouped bars: mask AP and box AP of each ablation setting."""
+    """Grouped bars with error bars: mean ± std over seeds of mask AP, mask AP75 and box AP per setting
+    (rows as :func:`maskrcnn_fast.ablate.summarize` returns them)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
-    x = range(len(rows))
-    ax.bar([i - 0.2 for i in x], [r["segm"]["AP"] for r in rows], width=0.4, label="mask AP")
-    ax.bar([i + 0.2 for i in x], [r["bbox"]["AP"] for r in rows], width=0.4, label="box AP")
-    ax.set_xticks(list(x))
-    ax.set_xticklabels([r["name"] for r in rows], rotation=20, fontsize=8)
-    ax.set_ylabel("COCO AP (shapes val)")
-    ax.legend()
+    fig, ax = plt.subplots(figsize=(max(7, 1.5 * len(rows)), 4.5))
+    bars = (("segm", "AP", "mask AP"), ("segm", "AP75", "mask AP75"), ("bbox", "AP", "box AP"))
+    width = 0.8 / len(bars)
+    for j, (kind, metric, label) in enumerate(bars):
+        xs = [i + (j - (len(bars) - 1) / 2) * width for i in range(len(rows))]
+        ax.bar(xs, [100 * r["mean"][kind][metric] for r in rows], width=width, label=label,
+               yerr=[100 * r["std"][kind][metric] for r in rows], capsize=3)
+    ax.set_xticks(list(range(len(rows))))
+    ax.set_xticklabels([f"{r['name']}\n({len(r['seeds'])} seeds)" for r in rows], rotation=20, fontsize=7)
+    ax.set_ylabel("COCO AP (%), shapes val")
+    ax.set_title("ablations: mean ± std over seeds")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     plt.close(fig)

@@ -68,11 +68,20 @@ class RoIHeads(nn.Module):
                                          2 * cfg.mask_roi_size)
             self.mask_predictor = None
         self.mask_size = 2 * cfg.mask_roi_size
+        # softmax masks only, a diagnostic (not the ablation's score): score each pixel by
+        # 1 - p(background) instead of p(detected class); it separates "learned where the object is"
+        # from "learned which class it is" (see the README's ablation section)
+        self.softmax_foreground = False
 
     # ------------------------------------------------------------------ pooling
     def pool(self, features: list[torch.Tensor], rois: torch.Tensor, size: int) -> torch.Tensor:
         """Pool ``rois[K, 5]`` (batch index, box) from its FPN level: ``[K, C, size, size]``."""
         scales = [1.0 / s for s in POOLED_STRIDES]
+        if self.cfg.pool_level is not None:  # one level for every RoI (the paper's single-stride rows)
+            f, s = features[self.cfg.pool_level], scales[self.cfg.pool_level]
+            if self.cfg.pooler == "roi_align":
+                return kernels.roi_align(f, rois, size, s, sampling_ratio=self.cfg.sampling_ratio)
+            return kernels.roi_pool(f, rois, size, s)
         if self.cfg.pooler == "roi_align":
             return kernels.multiscale_roi_align(features, rois, size, scales, sampling_ratio=self.cfg.sampling_ratio)
         # RoIPool ablation: pool every RoI on every level and keep its own level's result; 4x the
@@ -113,6 +122,8 @@ class RoIHeads(nn.Module):
         logits = self.mask_logits(features, rois).float()
         if self.cfg.mask_loss == "softmax":
             probs = logits.softmax(dim=1)
+            if self.softmax_foreground:
+                return 1 - probs[:, 0]
         else:
             probs = logits.sigmoid()
         m = probs.shape[-1]

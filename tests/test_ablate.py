@@ -1,22 +1,91 @@
-"""The ablation driver: every variant trains at the same tiny budget; table and plot are written."""
+"""The ablation driver at a tiny budget: every variant and seed runs, mean ± std over seeds lands in
+the table/JSON/plot, the softmax diagnostic is reported beside (not instead of) its score, and an
+interrupted ablation resumes: finished runs are skipped, the killed run continues from its last.pt."""
+import dataclasses
+import json
 import os
+import statistics
 import sys
 
+import pytest
+
 import kernels
-from maskrcnn_fast.ablate import VARIANTS, ablate
+from maskrcnn_fast import ablate as ablate_mod
+from maskrcnn_fast.ablate import COMPARISONS, VARIANTS, ablate, slug
+from maskrcnn_fast.errors import UserError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_train import tiny  # noqa: E402
+from test_train import records, tiny  # noqa: E402
 
 
-def test_ablate_runs_every_variant_and_writes_table_and_plot(tmp_path):
+@pytest.fixture(autouse=True)
+def torch_backend():
     with kernels.use_backend("torch"):
-        rows = ablate(tiny(tmp_path, iters=1, val_images=1))
+        yield
+
+
+def test_ablate_runs_every_variant_and_seed_and_writes_mean_and_std(tmp_path):
+    rows = ablate(tiny(tmp_path, iters=1, val_images=1), seeds=2)
     assert [r["name"] for r in rows] == [name for name, _ in VARIANTS]
+    saved = json.loads((tmp_path / "ablation.json").read_text())
+    assert saved["seeds"] == 2 and len(saved["variants"]) == len(VARIANTS)
+    for row in saved["variants"]:
+        assert row["seeds"] == [0, 1]
+        for kind in ("segm", "bbox"):
+            for m in ("AP", "AP50", "AP75"):
+                # the summary is recomputed here from the per-seed metrics.json each run wrote
+                per_seed = [json.loads((tmp_path / slug(row["name"]) / f"seed{s}" / "metrics.json").read_text())
+                            [kind][m] for s in (0, 1)]
+                assert row["mean"][kind][m] == pytest.approx(statistics.fmean(per_seed))
+                assert row["std"][kind][m] == pytest.approx(statistics.stdev(per_seed))
+    softmax = next(r for r in saved["variants"] if r["switches"].get("mask_loss") == "softmax")
+    assert set(softmax["diagnostic"]) >= {"foreground_segm_mean", "largest_class_prob", "detections"}
+    assert all("diagnostic" not in r for r in saved["variants"] if r is not softmax)
     table = (tmp_path / "ablation.md").read_text()
-    for comparison in ("RoIAlign vs RoIPool", "sigmoid vs softmax", "FCN vs MLP mask head"):
+    for comparison, _, _ in COMPARISONS:
         assert comparison in table
-    assert sum(line.startswith("| ") for line in table.splitlines()) == 2 + 6  # header, rule, 3 x (baseline, variant)
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 2 + 2 * len(COMPARISONS)
+    assert "±" in table and "1 - p(background)" in table
     assert (tmp_path / "ablation.png").stat().st_size > 0
-    for name in ("baseline", "roipool", "softmax_masks", "mlp_mask_head"):
-        assert (tmp_path / name / "metrics.json").exists()
+    assert (tmp_path / "progress.txt").read_text().startswith(f"ablation {2 * len(VARIANTS)}/{2 * len(VARIANTS)}")
+
+
+def test_interrupted_ablation_skips_finished_runs_and_resumes_the_killed_one(tmp_path, monkeypatch):
+    base = tiny(tmp_path, iters=3, val_images=1, ckpt_every=1)
+    calls = []
+    real_train = ablate_mod.train
+
+    def killed_on_second_run(cfg):
+        calls.append(cfg)
+        if len(calls) == 2:  # the second run dies after writing its iteration-2 checkpoint
+            real_train(dataclasses.replace(cfg, stop_after=2))
+            raise KeyboardInterrupt
+        return real_train(cfg)
+
+    monkeypatch.setattr(ablate_mod, "train", killed_on_second_run)
+    with pytest.raises(KeyboardInterrupt):
+        ablate(base, only=["mlp", "softmax"], seeds=1)  # plan: baseline, softmax, MLP (seed 0)
+    assert "running" in (tmp_path / "progress.txt").read_text()
+    killed = tmp_path / "softmax_masks" / "seed0"
+    assert (killed / "last.pt").exists() and not (killed / "metrics.json").exists()
+
+    calls.clear()
+    monkeypatch.setattr(ablate_mod, "train", lambda cfg: calls.append(cfg) or real_train(cfg))
+    rows = ablate(base, only=["mlp", "softmax"], seeds=1)
+    # the finished baseline run is skipped; the killed run resumes, the last one starts fresh
+    assert [(c.out, c.resume) for c in calls] == [(str(killed), True), (str(tmp_path / "mlp_mask_head" / "seed0"), False)]
+    assert [r["iter"] for r in records(killed)] == [1, 2, 3]
+    assert [(r["name"], r["seeds"]) for r in rows] == [(VARIANTS[0][0], [0]), ("softmax masks", [0]),
+                                                       ("MLP mask head", [0])]
+    assert "diagnostic" in rows[1] and (tmp_path / "ablation.md").exists()
+
+
+def test_finished_run_of_another_budget_is_an_error_not_a_result(tmp_path):
+    ablate(tiny(tmp_path, iters=1, val_images=1), only=["mlp"], seeds=1)
+    with pytest.raises(UserError, match="other settings"):
+        ablate(tiny(tmp_path, iters=2, val_images=1), only=["mlp"], seeds=1)
+
+
+def test_only_must_name_a_variant(tmp_path):
+    with pytest.raises(UserError, match="names no variant"):
+        ablate(tiny(tmp_path), only=["roi_warp"])

@@ -125,7 +125,8 @@ def test_images_without_ground_truth_train():
 
 
 @pytest.mark.parametrize("switch", [dict(pooler="roi_pool"), dict(mask_loss="softmax"), dict(mask_head="mlp"),
-                                    dict(fused_mask_loss=True)])
+                                    dict(fused_mask_loss=True), dict(pool_level=3),
+                                    dict(pooler="roi_pool", pool_level=3)])
 def test_ablation_switches_train_and_infer(switch):
     torch.manual_seed(0)
     model = tiny_model(**switch).train()
@@ -139,6 +140,41 @@ def test_ablation_switches_train_and_infer(switch):
     with torch.no_grad():
         out = model(images[:1])
     assert out[0]["masks"].shape[1:] == (1, *images[0].shape[-2:])
+
+
+@pytest.mark.parametrize("pooler", ["roi_align", "roi_pool"])
+@pytest.mark.parametrize("level", [0, 3])
+def test_pool_level_pools_every_roi_from_that_level_as_torchvision(pooler, level):
+    import torchvision
+
+    torch.manual_seed(0)
+    heads = tiny_model(pooler=pooler, pool_level=level).roi_heads
+    features = [torch.randn(2, 32, 64 // s, 64 // s, dtype=torch.float64) for s in (4, 8, 16, 32)]
+    rois = torch.tensor([[0, 3.0, 5.0, 60.0, 50.0], [1, 10.0, 2.0, 22.0, 17.0], [0, 0.5, 0.5, 8.0, 63.0]],
+                        dtype=torch.float64)  # large, small and thin boxes: FPN eq. 1 would use other levels
+    scale = 1.0 / (4, 8, 16, 32)[level]
+    if pooler == "roi_align":
+        want = torchvision.ops.roi_align(features[level], rois, 7, scale, sampling_ratio=2, aligned=False)
+    else:
+        want = torchvision.ops.roi_pool(features[level], rois, 7, scale)
+    torch.testing.assert_close(heads.pool(features, rois, 7), want, rtol=1e-12, atol=1e-12)
+
+
+def test_softmax_foreground_diagnostic_is_one_minus_background_probability():
+    torch.manual_seed(0)
+    model = tiny_model(mask_loss="softmax").eval()
+    heads = model.roi_heads
+    features = [torch.randn(1, 32, 64 // s, 64 // s) for s in (4, 8, 16, 32)]
+    rois = torch.tensor([[0, 3.0, 5.0, 60.0, 50.0], [0, 10.0, 2.0, 22.0, 17.0]])
+    labels = torch.tensor([2, 4])
+    with torch.no_grad():
+        logits = heads.mask_logits(features, rois).double()
+        class_probs = heads.mask_probs(features, rois, labels)
+        heads.softmax_foreground = True
+        fg_probs = heads.mask_probs(features, rois, labels)
+    p = logits.softmax(dim=1)
+    torch.testing.assert_close(class_probs.double(), p[torch.arange(2), labels], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fg_probs.double(), 1 - p[:, 0], rtol=1e-5, atol=1e-6)
 
 
 def test_fused_mask_loss_equals_unfused():
@@ -197,6 +233,8 @@ def test_bad_inputs_raise_clear_errors(case, match, no_kernels):
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="pooler"):
         MaskRCNNConfig(pooler="roi_warp")
+    with pytest.raises(ValueError, match="pool_level"):
+        MaskRCNNConfig(pool_level=4)
     with pytest.raises(ValueError, match="fused_mask_loss"):
         MaskRCNNConfig(fused_mask_loss=True, mask_loss="softmax")
     with pytest.raises(TypeError, match="unknown"):
