@@ -88,8 +88,9 @@ def test_tuning_loop_picks_the_fastest_config_through_the_pick_hook():
 
 def test_compile_report_on_cpu(tmp_path):
     out = tmp_path / "rows.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compile_report.py"), "--filter",
-                           "roi_pool_fwd[float32", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compile_report.py"), "--cases", "roi_pool P2 7x7 fwd",
+                           "--model", "none", "--filter", "roi_pool_fwd[float32", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(out.read_text())
     assert {r["cc"] for r in rows} == {80, 90}
