@@ -1,0 +1,61 @@
+"""bench/run_gpu.sh and bench/ncu_ops.py without a GPU: the script parses, its dry run plans the sanitizer and
+Nsight Compute steps, and ncu's CSV is summarized into DRAM % of peak and local-memory traffic."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench import ncu_ops  # noqa: E402
+
+
+def test_script_parses():
+    assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "run_gpu.sh")]).returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils")
+def test_dry_run_plans_sanitizer_and_ncu(tmp_path):
+    env = {**os.environ, "DRY_RUN": "1", "PY": sys.executable, "RESULTS": str(tmp_path),
+           "STEPS": "tests sanitize ncu bench autotune compile"}
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "run_gpu.sh")], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    plan = proc.stderr
+    for tool in ("memcheck", "racecheck"):
+        assert f"PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout" in plan and f"--tool {tool}" in plan
+    assert "tests/test_roi_align.py" in plan and "tests/test_nms.py" in plan and "tests/test_mask_loss.py" in plan
+    ncu_line = next(line for line in plan.splitlines() if "--profile-from-start off" in line)
+    for metric in ("dram__throughput.avg.pct_of_peak_sustained_elapsed", "l1tex__t_bytes_pipe_lsu_mem_local_op_ld.sum",
+                   "l1tex__t_bytes_pipe_lsu_mem_local_op_st.sum"):
+        assert metric in ncu_line
+    assert "bench/ncu_ops.py --summarize" in plan and "bench/compile_report.py --json" in plan
+    assert not list((ROOT / "bench" / "results").glob("dry-run-*"))  # a dry run leaves no results behind
+
+
+CSV = '''==PROF== Connected to process 1234
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
+"0","1234","python","h","_roi_align_fwd_kernel","1","7","(128, 1, 1)","(1024, 8, 1)","0","9.0","Command line profiler metrics","dram__throughput.avg.pct_of_peak_sustained_elapsed","%","61.5"
+"0","1234","python","h","_roi_align_fwd_kernel","1","7","(128, 1, 1)","(1024, 8, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","nsecond","21,440"
+"0","1234","python","h","_roi_align_fwd_kernel","1","7","(128, 1, 1)","(1024, 8, 1)","0","9.0","Command line profiler metrics","l1tex__t_bytes_pipe_lsu_mem_local_op_ld.sum","byte","0"
+"1","1234","python","h","_nms_reduce_kernel","1","7","(256, 1, 1)","(1, 1, 1)","0","9.0","Command line profiler metrics","l1tex__t_bytes_pipe_lsu_mem_local_op_st.sum","byte","4096"
+==PROF== Disconnected from process 1234
+'''
+
+
+def test_ncu_csv_summary(tmp_path):
+    kernels = ncu_ops.parse(CSV)
+    assert [k["kernel"] for k in kernels] == ["_roi_align_fwd_kernel", "_nms_reduce_kernel"]
+    assert kernels[0]["dram__throughput.avg.pct_of_peak_sustained_elapsed"] == 61.5
+    assert kernels[0]["gpu__time_duration.sum"] == 21440.0
+    assert kernels[1]["l1tex__t_bytes_pipe_lsu_mem_local_op_st.sum"] == 4096.0
+    src, out = tmp_path / "ncu.csv", tmp_path / "ncu.md"
+    src.write_text(CSV)
+    assert ncu_ops.summarize(str(src), str(out)) == 0
+    table = out.read_text()
+    assert "| _roi_align_fwd_kernel | 21.4 | 61.5 |" in table and "| n/a / 4096 |" in table
+    src.write_text("==PROF== nothing profiled\n")
+    assert ncu_ops.summarize(str(src), None) == 1
