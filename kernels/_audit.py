@@ -30,6 +30,7 @@ Compile
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import subprocess
@@ -39,7 +40,6 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 TARGETS = (80, 90)
-_TOOL_DIR = None
 
 
 @dataclass
@@ -124,17 +124,9 @@ _context: dict = {}
 
 def _record(self, *args, grid, warmup, **kwargs):
     """Stand-in for ``JITFunction.run``: the real binder and ``_pack_args`` for a CUDA target, no launch."""
-    from triton import knobs
-    from triton.runtime.jit import create_function_from_signature
+    from kernels._compat import launch_specialization
 
-    kwargs["debug"] = kwargs.get("debug", self.debug) or knobs.runtime.debug
-    if hasattr(knobs.compilation, "instrumentation_mode"):
-        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    backend = _backend(90)
-    binder = self.__dict__.setdefault("_audit_binder", create_function_from_signature(self.signature, self.params,
-                                                                                     backend))
-    bound, specialization, options = binder(*args, **kwargs)
-    _, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, specialization, options)
+    bound, signature, constexprs, attrs, options = launch_specialization(self, _backend(90), args, kwargs)
     if callable(grid):
         grid = grid(bound)
     launch = Launch(self, signature, constexprs, attrs,
@@ -196,7 +188,10 @@ def shadow_custom_ops(namespace: str = "maskrcnn_fast", **context) -> Iterator[l
 # ----------------------------------------------------------------------------------------------
 # compile and read the code
 # ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
 def _backend(cc: int):
+    """Triton's CUDA backend for ``sm_<cc>``. Launches are specialized with sm_90's: the CUDA rules
+    (``get_int_specialization``/``get_tensor_specialization``) do not depend on the target."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
 

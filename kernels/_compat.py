@@ -11,6 +11,10 @@ only ``tl`` functions present in both. What differs between them:
   Compiled code is unaffected.
 * **Offline compile API.** ``ASTSource``/``GPUTarget`` live where :func:`compile_kernel` imports them
   on every version since 3.3; their ``constexprs`` argument is keyed by argument name.
+* **Launch specialization** (the compile audit, :mod:`kernels._audit`). :func:`launch_specialization` calls
+  the JIT's internals that ``JITFunction.run`` uses before compiling -- ``create_function_from_signature``
+  (the per-kernel binder over ``native_specialize_impl``) and ``JITFunction._pack_args`` -- whose
+  signatures are the same in 3.6 and 3.8.
 """
 from __future__ import annotations
 
@@ -55,3 +59,22 @@ def compile_kernel(fn, signature: dict, constexprs: dict, cc: int, num_warps: in
     src = ASTSource(fn=fn, signature=signature, constexprs=dict(constexprs))
     return triton.compile(src, target=GPUTarget("cuda", cc, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def launch_specialization(fn, backend, args: tuple, kwargs: dict):
+    """What ``JITFunction.run`` derives from a launch's arguments before compiling it for ``backend``:
+    ``(bound_args, signature, constexprs, attrs, options)``, ``options`` being the launch options left over
+    after binding (num_warps, num_stages, debug, ...). The binder is cached on ``fn``."""
+    from triton import knobs
+    from triton.runtime.jit import create_function_from_signature
+
+    kwargs = dict(kwargs)
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    if hasattr(knobs.compilation, "instrumentation_mode"):
+        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    binders = fn.__dict__.setdefault("_maskrcnn_fast_binders", {})
+    if backend.target not in binders:
+        binders[backend.target] = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binders[backend.target](*args, **kwargs)
+    _, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return bound, signature, constexprs, attrs, options

@@ -1,9 +1,12 @@
-"""Offline compilation of every Triton kernel for real GPUs, with no GPU present.
+"""Hand-written compile specs (legacy): superseded by the launch audit, kept for the op modules that import them.
 
-Each op module in ``kernels/`` exposes ``compile_specs() -> list[CompileSpec]`` covering every
-kernel x config x mode flag x I/O dtype it can launch. ``all_compile_specs()`` discovers them;
-``compile_for(spec, cc)`` runs ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``,
-which builds PTX and a cubin through ptxas without a driver.
+``compile_specs()`` in the op modules list kernel x config x mode x dtype with *declared* signatures (every
+stride ``i64``, no divisibility attributes, no ``==1`` constants): code that no launch produces.
+``bench/compile_report.py`` no longer uses them: it captures real launches (:mod:`kernels._audit`), and
+``--configs all`` covers every config autotuning may pick with the JIT's own specialization. Nothing here is
+needed by it; ``CompileSpec``/``TORCH_TO_TRITON`` stay until the op modules drop their ``compile_specs()``.
+``python -m kernels._compile`` still compiles the specs for sm_80/sm_90 (``triton.compile(ASTSource(...),
+target=GPUTarget("cuda", cc, 32))``, no driver needed).
 """
 from __future__ import annotations
 
@@ -51,22 +54,10 @@ TORCH_TO_TRITON = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "fl
 
 
 def resource_usage(cubin: bytes) -> dict:
-    """Registers, stack/local (spill) bytes and static shared memory, read off the cubin by cuobjdump."""
-    import os
-    import re
-    import subprocess
-    import tempfile
+    """Registers, stack/local (spill) bytes, read off the cubin by cuobjdump (see :mod:`kernels._audit`)."""
+    from kernels._audit import resource_usage as usage
 
-    import triton
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
-                             check=True).stdout
-    found = {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out)}
-    return {"regs": found.get("reg", -1), "stack": found.get("stack", 0), "local": found.get("local", 0)}
+    return usage(cubin)
 
 
 def _compile_row(job) -> dict:
