@@ -18,7 +18,8 @@ The hand-written ``compile_specs()`` in the op modules are no longer used: they 
 that no launch produces. ``--scope gates`` compiles only what tests/test_compile.py gates on, plus one
 specialization of every kernel for each target (the CI subset).
 
-Table: ``loads/stores/atomics`` read ``bits:count``; ``M`` marks a model-path kernel. Exits 1 on any compile
+Table: ``loads/stores/atomics`` read ``bits:count``; ``M`` marks a model-path kernel; tags are abbreviated
+(``B``=BLOCK_, ``L``=NUM_LEVELS, ``al``=ALIGNED, ``det``=DETERMINISTIC, ``gt``=FROM_GT; the JSON has them whole). Exits 1 on any compile
 failure or on local memory in a model-path kernel. ``--json`` writes one record per (specialization, target).
 """
 from __future__ import annotations
@@ -119,11 +120,27 @@ def _fmt(counts: dict) -> str:
     return " ".join(f"{bits}:{n}" for bits, n in sorted(counts.items(), key=lambda kv: -int(kv[0]))) or "-"
 
 
-def table(rows: list[dict], width: int = 84) -> str:
+_SHORT = [(r",CHANNELS_LAST=\d", ""), (r",ACC=fp32", ""), (r",BIG=[\d.e+]+", ""), (r"BLOCK_", "B"),
+          (r"NUM_LEVELS=", "L"), (r"ALIGNED=", "al"), (r"DETERMINISTIC=", "det"), (r"HAS_CLASSES=", "cls"),
+          (r"LOGITS_ONLY=", "logits"), (r"FROM_GT=", "gt"), (r"float32", "fp32"), (r"bfloat16", "bf16"),
+          (r"float16", "fp16")]
+
+
+def short_name(name: str) -> str:
+    """The table's compact name[tag] (the JSON keeps the full one)."""
+    import re
+
+    for pattern, repl in _SHORT:
+        name = re.sub(pattern, repl, name)
+    return name
+
+
+def table(rows: list[dict], width: int = 78) -> str:
     lines = [f"{'kernel[tag]':<{width}} {'sm':>3} {'regs':>4} {'local':>6} {'smem':>6}  "
              f"{'loads':<22} {'stores':<14} {'atomics':<12} M"]
     for r in rows:
-        name = r["name"] if len(r["name"]) <= width else r["name"][:width - 1] + "~"
+        name = short_name(r["name"])
+        name = name if len(name) <= width else name[:width - 1] + "~"
         if not r["ok"]:
             lines.append(f"{name:<{width}} {r['cc']:>3}  COMPILE FAILED: {r.get('error', '')[:300]}")
             continue
