@@ -11,7 +11,7 @@ Why two sources (see kernels/_audit.py for how a launch is captured)
       bf16 autocast, in NCHW and channels_last, runs on real values with the PyTorch backend while every
       ``maskrcnn_fast::`` op is also shadow-called through the Triton path under capture
       (``kernels._audit.shadow_custom_ops``), taking the code path a GPU takes. ``model="full"`` is the real
-      ResNet-50-FPN at 800x1216 (exact model launches, minutes of CPU); ``model="small"`` keeps the heads'
+      ResNet-50-FPN at 800x1216 (exact model launches; ~50 CPU-seconds per fp32 training pass, 8 passes); ``model="small"`` keeps the heads'
       geometry (256 channels, 7x7 / 14x14 / 28x28, 91 classes) on a ResNet-18 at 128x192 with fewer RoIs and
       marks the op launches of the same kernel variant (kernel, pointer dtypes, declared constexprs, warps,
       stages) as ``model_path``; a variant the model launches that no op case covers is audited from the
@@ -163,16 +163,19 @@ def op_cases(seed: int = 0):
 
 
 @contextlib.contextmanager
-def forced_config(index: int | None):
-    """``kernels._config.pick`` returns entry ``index`` of every op's config list (its default past the end);
-    ``None`` leaves the heuristic defaults."""
+def forced_config(index: int | None, seen: list[int]):
+    """``kernels._config.pick`` returns entry ``index`` of every op's config list (its default past the end;
+    ``None``: the heuristic defaults); the list lengths it is offered are appended to ``seen``."""
     from kernels import _config
 
     original = _config.pick
-    if index is not None:
-        def pick(op, bucket, configs, default=None):
-            return configs[index] if index < len(configs) else original(op, bucket, configs, default)
-        _config.pick = pick
+
+    def pick(op, bucket, configs, default=None):
+        seen.append(len(configs))
+        if index is not None and index < len(configs):
+            return configs[index]
+        return original(op, bucket, configs, default)
+    _config.pick = pick
     try:
         yield
     finally:
@@ -180,17 +183,13 @@ def forced_config(index: int | None):
 
 
 def drive_ops(configs: str = "default", select: Callable[[dict], bool] | None = None, log=print) -> list[Launch]:
-    """Capture the launches of every op case (``configs``: "default" or "all"; ``select``: which cases)."""
-    indices = [None]
-    if configs == "all":
-        import importlib
-        longest = max(len(importlib.import_module(f"kernels.{m}").get_configs(*args))
-                      for m, args in (("roi_align", ()), ("roi_pool", ()), ("nms", ()), ("mask_loss", ("loss",)),
-                                      ("mask_loss", ("predictor",))))
-        indices += list(range(longest))
+    """Capture the launches of every op case (``configs``: "default", or "all": then again with each index
+    of the config lists the launchers choose from; ``select``: which cases)."""
     launches: list[Launch] = []
-    for index in indices:
-        with forced_config(index):
+    seen: list[int] = []
+    index: int | None = None
+    while True:
+        with forced_config(index, seen):
             for ctx, run in op_cases():
                 if select is not None and not select(ctx):
                     continue
@@ -199,6 +198,9 @@ def drive_ops(configs: str = "default", select: Callable[[dict], bool] | None = 
                 with capture(**ctx) as got, kernels.use_backend("triton"):
                     run()
                 launches += got
+        index = 0 if index is None else index + 1
+        if configs != "all" or index >= max(seen, default=0):
+            break
     log(f"ops: {len(launches)} launches captured")
     return launches
 
