@@ -31,7 +31,7 @@ def _add_train_args(p):
     p.add_argument("--data", default=d.data, help="shapes | coco:ANNOTATIONS.json:IMAGE_DIR | coins")
     p.add_argument("--val-data", default=None, help="evaluation data (default: shapes val, or --data itself)")
     p.add_argument("--backbone", default=d.backbone, choices=["resnet18", "resnet50"])
-    p.add_argument("--iters", type=int, default=None, help="training iterations (default 900 on shapes)")
+    p.add_argument("--iters", type=int, default=None, help="training iterations (default 2000 on shapes)")
     p.add_argument("--epochs", type=int, default=None, help="instead of --iters")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per iteration per process")
     p.add_argument("--lr", type=float, default=None, help="base lr (default 0.02 on shapes, else 0.02 x batch / 16)")
@@ -62,7 +62,7 @@ def _train_config(args):
         raise UserError(f"--lr must be > 0, got {args.lr}")
     eval_every = args.eval_every
     if eval_every is None:  # the demo reports its AP-vs-time curve
-        eval_every = 300 if args.data == "shapes" else 0
+        eval_every = 400 if args.data == "shapes" else 0
     return TrainConfig(data=args.data, val_data=args.val_data, backbone=args.backbone, iters=args.iters,
                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
                        warmup_iters=args.warmup, clip_grad=args.clip_grad or None, amp=args.amp,

@@ -89,3 +89,10 @@ def test_finished_run_of_another_budget_is_an_error_not_a_result(tmp_path):
 def test_only_must_name_a_variant(tmp_path):
     with pytest.raises(UserError, match="names no variant"):
         ablate(tiny(tmp_path), only=["roi_warp"])
+
+
+def test_background_launch_refuses_a_folder_with_a_running_ablation(tmp_path):
+    (tmp_path / "ablate.pid").write_text(str(os.getpid()))  # this process: certainly alive
+    with pytest.raises(UserError, match="already running"):
+        ablate_mod.launch_background(["ablate", "--background", "--out", str(tmp_path)], str(tmp_path))
+    assert not (tmp_path / "ablate.log").exists()
