@@ -14,19 +14,24 @@ Maths (torchvision's exact rule)
     formula's value (IoU <= 0), as torchvision.
 
 Kernels (CUDA; CPU under TRITON_INTERPRET=1)
-    1. ``_nms_mask_kernel``: for every image and every pair of 64-box tiles on or above the diagonal,
-       one bit per (i, j>i) pair: mask[b, i, j // 64] bit j % 64 = "i suppresses j". The lower
-       triangle is never computed.
-    2. ``_nms_reduce_kernel``: one program per image walks the sorted boxes 64 at a time: it resolves
-       the 64-box block against the running "removed" word with scalar bit operations, records the
-       kept boxes, ORs the kept rows of the later words into the removed bitset, and stops as soon as
-       ``max_output`` boxes are kept. Output: fixed-size ``keep[B, max_output]`` (-1 padded) and
-       ``num_kept[B]``, so nothing ever syncs with the host.
-    fp64 boxes use 32-row tiles (``_F64_CONFIG``): a 64 x 64 fp64 IoU tile spills registers.
+    1. ``_nms_mask_kernel``: one program per image and 64 x 64 tile on or above the diagonal (a
+       triangular grid: no program exits for being below it), one bit per (i, j>i) pair:
+       mask[b, j // 64, i] bit j % 64 = "i suppresses j". Column-word-major, so a tile's 64 row words
+       are one contiguous 512-byte store. Each IoU step is rounded as in torchvision's formula (the
+       launch turns FMA contraction off) and the division is correctly rounded (``div_rn``; fp32 '/'
+       compiles to the approximate div.full.f32): the bits equal torchvision's CPU kernel's exactly.
+    2. ``_nms_reduce_kernel``: one program per image walks the sorted boxes 64 at a time. It loads the
+       block's 64 diagonal words unconditionally (no load waits on another), resolves the block in
+       registers (row jj's word has only bits above jj, so a row survives iff its bit of the running
+       "removed" word is clear when it is reached), writes the kept boxes with one prefix-sum store,
+       ORs the kept rows' later words into the removed bitset (coalesced [BLOCK_W, 64] tiles), and stops
+       as soon as ``max_output`` boxes are kept. Output: fixed-size ``keep[B, max_output]`` (-1 padded)
+       and ``num_kept[B]``, so nothing ever syncs with the host.
+    fp64 boxes compute the tile in 16-row slices (``_F64_CONFIG``) to stay spill-free.
 
 Bytes moved, per image with N boxes (W = ceil(N / 64) words, e = 2, 4 or 8 bytes per coordinate)
-    mask kernel  : reads N * (4 * e + 4 + 4) (boxes, class ids, validity) once per tile row/column,
-                   writes N * W * 8 / 2 bytes (upper triangle of the N x N / 8 bitmask)
+    mask kernel  : reads N * (4 * e + 4) (boxes, class ids) once per tile row/column, writes
+                   ~N * W * 8 / 2 bytes (upper triangle of the N x N / 8 bitmask, rows padded to 64)
     reduce kernel: reads at most the same upper triangle (less with the early stop), writes
                    max_output * 8 + W * 8 (keep list + removed bitset)
 
@@ -67,50 +72,73 @@ WORD = 64
 
 
 @triton.jit
+def _div_rn(a, b):
+    """a / b correctly rounded: fp32 '/' compiles to div.full.f32 (up to 2 ulp off); fp64 '/' is div.rn.f64."""
+    if a.dtype == tl.float64:
+        q = a / b
+    else:
+        q = tl.math.div_rn(a, b)
+    return q
+
+
+@triton.jit
+def _tile_of(t):
+    """(row block, column word) of upper-triangle tile ``t``, tiles numbered column by column:
+    t = cb * (cb + 1) / 2 + rb with 0 <= rb <= cb (the fp32 square root is off by at most one)."""
+    cb = ((tl.sqrt(8.0 * t.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int64)
+    cb = tl.where((cb + 1) * (cb + 2) // 2 <= t, cb + 1, cb)
+    cb = tl.where(cb * (cb + 1) // 2 > t, cb - 1, cb)
+    return t - cb * (cb + 1) // 2, cb
+
+
+@triton.jit
 def _nms_mask_kernel(
-    boxes_ptr, cls_ptr, nvalid_ptr, mask_ptr, N, W, iou_threshold,
-    HAS_CLASSES: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    boxes_ptr, cls_ptr, nvalid_ptr, mask_ptr, N, W, NP, iou_threshold,
+    HAS_CLASSES: tl.constexpr, ROWS: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    rb = tl.program_id(1)
-    cb = tl.program_id(2)  # column word
-    # only tiles on or above the diagonal: the row tile must start before this word ends
-    if rb * BLOCK_ROWS < (cb + 1) * 64:
-        n_valid = tl.load(nvalid_ptr + b)
-        i = rb * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    # one program per 64 x 64 tile on or above the diagonal (no program exits for being below it)
+    rb, cb = _tile_of(tl.program_id(0).to(tl.int64))
+    b = tl.program_id(1).to(tl.int64)
+    n_valid = tl.load(nvalid_ptr + b)
+    if cb * 64 < n_valid:  # words past the last valid box are never read by the reduction
         j = cb * 64 + tl.arange(0, 64)
-        bi = boxes_ptr + (b * N + i) * 4
         bj = boxes_ptr + (b * N + j) * 4
-        mi = i < N
         mj = j < N
         # fp32 maths (fp16/bf16 up-cast), fp64 for fp64 boxes (the fp32 threshold converts exactly)
         ct = tl.float64 if boxes_ptr.dtype.element_ty == tl.float64 else tl.float32
-        x1i = tl.load(bi + 0, mask=mi, other=0.0).to(ct)
-        y1i = tl.load(bi + 1, mask=mi, other=0.0).to(ct)
-        x2i = tl.load(bi + 2, mask=mi, other=0.0).to(ct)
-        y2i = tl.load(bi + 3, mask=mi, other=0.0).to(ct)
         x1j = tl.load(bj + 0, mask=mj, other=0.0).to(ct)
         y1j = tl.load(bj + 1, mask=mj, other=0.0).to(ct)
         x2j = tl.load(bj + 2, mask=mj, other=0.0).to(ct)
         y2j = tl.load(bj + 3, mask=mj, other=0.0).to(ct)
-        area_i = (x2i - x1i) * (y2i - y1i)
         area_j = (x2j - x1j) * (y2j - y1j)
-        w = tl.maximum(tl.minimum(x2i[:, None], x2j[None, :]) - tl.maximum(x1i[:, None], x1j[None, :]), 0.0)
-        h = tl.maximum(tl.minimum(y2i[:, None], y2j[None, :]) - tl.maximum(y1i[:, None], y1j[None, :]), 0.0)
-        inter = w * h
-        iou = inter / (area_i[:, None] + area_j[None, :] - inter)
         # a non-finite coordinate (x - x != 0 for NaN and inf) never suppresses nor is suppressed
-        fin_i = ((x1i - x1i) == 0) & ((y1i - y1i) == 0) & ((x2i - x2i) == 0) & ((y2i - y2i) == 0)
         fin_j = ((x1j - x1j) == 0) & ((y1j - y1j) == 0) & ((x2j - x2j) == 0) & ((y2j - y2j) == 0)
-        sup = (iou > iou_threshold) & (j[None, :] > i[:, None]) & (j < n_valid)[None, :]
-        sup = sup & fin_i[:, None] & fin_j[None, :]
+        col_ok = fin_j & (j < n_valid)
         if HAS_CLASSES:
-            ci = tl.load(cls_ptr + b * N + i, mask=mi, other=-1)
             cj = tl.load(cls_ptr + b * N + j, mask=mj, other=-2)
-            sup = sup & (ci[:, None] == cj[None, :])
-        bits = sup.to(tl.int64) << tl.arange(0, 64).to(tl.int64)[None, :]
-        word = tl.sum(bits, axis=1)  # disjoint bits: the sum is the OR
-        tl.store(mask_ptr + (b * N + i) * W + cb, word, mask=mi)
+        for r0 in tl.static_range(0, 64, ROWS):  # ROWS < 64: the tile in row slices (fp64 registers)
+            i = rb * 64 + r0 + tl.arange(0, ROWS)
+            bi = boxes_ptr + (b * N + i) * 4
+            mi = i < N
+            x1i = tl.load(bi + 0, mask=mi, other=0.0).to(ct)
+            y1i = tl.load(bi + 1, mask=mi, other=0.0).to(ct)
+            x2i = tl.load(bi + 2, mask=mi, other=0.0).to(ct)
+            y2i = tl.load(bi + 3, mask=mi, other=0.0).to(ct)
+            area_i = (x2i - x1i) * (y2i - y1i)
+            w = tl.maximum(tl.minimum(x2i[:, None], x2j[None, :]) - tl.maximum(x1i[:, None], x1j[None, :]), 0.0)
+            h = tl.maximum(tl.minimum(y2i[:, None], y2j[None, :]) - tl.maximum(y1i[:, None], y1j[None, :]), 0.0)
+            inter = w * h
+            # torchvision's order of operations, each step rounded (the launch disables FMA contraction)
+            iou = _div_rn(inter, (area_i[:, None] + area_j[None, :]) - inter)
+            fin_i = ((x1i - x1i) == 0) & ((y1i - y1i) == 0) & ((x2i - x2i) == 0) & ((y2i - y2i) == 0)
+            sup = (iou > iou_threshold) & (j[None, :] > i[:, None]) & fin_i[:, None] & col_ok[None, :]
+            if HAS_CLASSES:
+                ci = tl.load(cls_ptr + b * N + i, mask=mi, other=-1)
+                sup = sup & (ci[:, None] == cj[None, :])
+            bits = sup.to(tl.int64) << tl.arange(0, 64).to(tl.int64)[None, :]
+            word = tl.sum(bits, axis=1)  # disjoint bits: the sum is the OR
+            # column-word-major layout: the tile's rows are consecutive words (coalesced); rows < NP always
+            tl.store(mask_ptr + (b * W + cb) * NP + i, word)
 
 
 @triton.jit
@@ -120,52 +148,58 @@ def _or(a, b):
 
 @triton.jit
 def _nms_reduce_kernel(
-    mask_ptr, nvalid_ptr, removed_ptr, keep_ptr, count_ptr, N, W, max_output,
+    mask_ptr, nvalid_ptr, removed_ptr, keep_ptr, count_ptr, W, NP, max_output,
     BLOCK_W: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     n_valid = tl.load(nvalid_ptr + b)
     n_blocks = (n_valid + 63) // 64
     rows = tl.arange(0, 64)
+    plane = mask_ptr + b * W * NP  # word w of row i at plane[w * NP + i]
     count = n_valid * 0
     blk = n_valid * 0
     while (blk < n_blocks) & (count < max_output):
-        r = tl.load(removed_ptr + b * W + blk)
-        kept_bits = r * 0
-        for jj in range(64):
-            i = blk * 64 + jj
-            alive = (i < n_valid) & (((r >> jj) & 1) == 0) & (count < max_output)
-            row_word = tl.load(mask_ptr + (b * N + i) * W + blk, mask=alive, other=0)
-            r = r | row_word
-            kept_bits = kept_bits | (alive.to(tl.int64) << jj)
-            tl.store(keep_ptr + b * max_output + count, i.to(tl.int64), mask=alive)
-            count += alive.to(tl.int32)
+        diag = plane + blk.to(tl.int64) * NP + blk * 64
+        # rows past the last valid box start out removed
+        tail = n_valid - blk * 64
+        pad = tl.where(tail < 64, -1, 0).to(tl.int64) << tl.minimum(tail, 63).to(tl.int64)
+        r = tl.load(removed_ptr + b * W + blk) | pad
+        # greedy over the block in registers: the 64 loads depend on nothing, so they issue back to back,
+        # and row jj's word only has bits above jj, so bit jj of r is final when row jj is visited
+        for jj in tl.static_range(64):
+            row_word = tl.load(diag + jj)
+            r = r | (row_word & (((r >> jj) & 1) - 1))  # & -1 if row jj survives, & 0 if removed
+        kept = ((~r >> rows.to(tl.int64)) & 1).to(tl.int32)
+        pos = count + tl.cumsum(kept, axis=0) - kept
+        tl.store(keep_ptr + b * max_output + pos, blk * 64 + rows, mask=(kept != 0) & (pos < max_output))
+        count += tl.sum(kept, axis=0)
         # the kept rows suppress boxes in later words: OR them into the removed bitset
-        if kept_bits != 0:
-            row_kept = ((kept_bits >> rows.to(tl.int64)) & 1) != 0
-            row_ptr = mask_ptr + (b * N + blk * 64 + rows.to(tl.int64)) * W
-            for w0 in range(blk + 1, W, BLOCK_W):
+        if (r != -1) & (count < max_output):
+            for w0 in range(blk + 1, n_blocks, BLOCK_W):
                 words = w0 + tl.arange(0, BLOCK_W)
-                wm = words < W
-                tile = tl.load(row_ptr[:, None] + words[None, :], mask=row_kept[:, None] & wm[None, :], other=0)
-                acc = tl.reduce(tile, 0, _or)
+                wm = words < n_blocks
+                tile = tl.load(plane + words[:, None].to(tl.int64) * NP + (blk * 64 + rows)[None, :],
+                               mask=wm[:, None] & (kept != 0)[None, :], other=0)
+                acc = tl.reduce(tile, 1, _or)
                 old = tl.load(removed_ptr + b * W + words, mask=wm, other=0)
                 tl.store(removed_ptr + b * W + words, old | acc, mask=wm)
             tl.debug_barrier()  # the next block's scalar load must see every thread's OR
         blk += 1
-    tl.store(count_ptr + b, count.to(tl.int64))
+    tl.store(count_ptr + b, tl.minimum(count, max_output).to(tl.int64))
 
 
+# The mask kernel's tile is always 64 x 64; ROWS rows of it are computed at a time. Registers (sm_90, fp32
+# boxes with class ids / bf16): ROWS=32 at 8 warps 80 / 94; ROWS=64 at 8 warps 127 / 128; at 4 warps 255.
 _CONFIGS = [
-    {"BLOCK_ROWS": 64, "BLOCK_W": 64, "num_warps": 8, "num_stages": 1},  # 4 warps spill the 64x64 IoU tile
-    {"BLOCK_ROWS": 64, "BLOCK_W": 64, "num_warps": 4, "num_stages": 1},
-    {"BLOCK_ROWS": 128, "BLOCK_W": 128, "num_warps": 8, "num_stages": 1},
-    {"BLOCK_ROWS": 64, "BLOCK_W": 32, "num_warps": 2, "num_stages": 1},
+    {"ROWS": 32, "BLOCK_W": 64, "num_warps": 8, "num_stages": 1},
+    {"ROWS": 16, "BLOCK_W": 64, "num_warps": 4, "num_stages": 1},
+    {"ROWS": 64, "BLOCK_W": 64, "num_warps": 8, "num_stages": 1},
+    {"ROWS": 32, "BLOCK_W": 32, "num_warps": 4, "num_stages": 1},
 ]
 
 
-# fp64 boxes: a fixed half-height IoU tile (a 64 x 64 fp64 tile spills even at 8 warps); reduce as _CONFIGS[0]
-_F64_CONFIG = {"BLOCK_ROWS": 32, "BLOCK_W": 64, "num_warps": 8, "num_stages": 1}
+# fp64 boxes: 16-row slices (89 registers at 8 warps; 32-row slices take 141); reduce as _CONFIGS[0]
+_F64_CONFIG = {"ROWS": 16, "BLOCK_W": 64, "num_warps": 8, "num_stages": 1}
 
 
 def get_configs() -> list[dict]:
@@ -231,13 +265,15 @@ def _launch(boxes, cls, n_valid, iou_threshold, max_output):
         return keep, count
     cfg = _F64_CONFIG if boxes.dtype == torch.float64 else _config.pick("nms", "all", get_configs())
     meta, opts = _config.launch_kwargs(cfg)
-    mask = torch.empty((B, N, W), dtype=torch.int64, device=dev)
+    NP = W * WORD  # rows padded to whole tiles: every tile stores all its rows, unmasked
+    mask = torch.empty((B, W, NP), dtype=torch.int64, device=dev)  # mask[b, w, i]: word w of row i
     removed = torch.zeros((B, W), dtype=torch.int64, device=dev)
     n_valid32 = n_valid.to(torch.int32)
-    grid = (B, triton.cdiv(N, meta["BLOCK_ROWS"]), W)
-    _nms_mask_kernel[grid](boxes, cls if cls is not None else n_valid32, n_valid32, mask, N, W,
-                           float(iou_threshold), HAS_CLASSES=cls is not None, BLOCK_ROWS=meta["BLOCK_ROWS"], **opts)
-    _nms_reduce_kernel[(B,)](mask, n_valid32, removed, keep, count, N, W, max_output,
+    # the W * (W + 1) / 2 tiles on or above the diagonal; no FMA contraction, for torchvision's exact IoU
+    _nms_mask_kernel[(W * (W + 1) // 2, B)](
+        boxes, cls if cls is not None else n_valid32, n_valid32, mask, N, W, NP, float(iou_threshold),
+        HAS_CLASSES=cls is not None, ROWS=meta["ROWS"], enable_fp_fusion=False, **opts)
+    _nms_reduce_kernel[(B,)](mask, n_valid32, removed, keep, count, W, NP, max_output,
                              BLOCK_W=meta["BLOCK_W"], **opts)
     return keep, count
 
@@ -461,15 +497,17 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, i
 
 
 def compile_specs() -> list[CompileSpec]:
+    # pointers and N, W, NP are what the JIT sees at launch (NP = 64 * W is a multiple of 16); the launch's
+    # enable_fp_fusion=False is not expressible here (CompileSpec carries warps and stages only)
     def mask_specs(cfg, dtypes, default):
         meta, opts = _config.launch_kwargs(cfg)
         for dtype in dtypes:
             for has_cls in (False, True):
-                const = {"HAS_CLASSES": has_cls, "BLOCK_ROWS": meta["BLOCK_ROWS"]}
+                const = {"HAS_CLASSES": has_cls, "ROWS": meta["ROWS"]}
                 sig = {"boxes_ptr": f"*{TORCH_TO_TRITON[dtype]}", "cls_ptr": "*i32", "nvalid_ptr": "*i32",
-                       "mask_ptr": "*i64", "N": "i32", "W": "i32", "iou_threshold": "fp32",
+                       "mask_ptr": "*i64", "N": "i32", "W": "i32", "NP": "i32", "iou_threshold": "fp32",
                        **{k: "constexpr" for k in const}}
-                yield CompileSpec(f"nms_mask[{dtype},cls{int(has_cls)},R{meta['BLOCK_ROWS']},w{opts['num_warps']}]",
+                yield CompileSpec(f"nms_mask[{dtype},cls{int(has_cls)},R{meta['ROWS']},w{opts['num_warps']}]",
                                   _nms_mask_kernel, sig, const, default=default, **opts)
 
     specs = []
@@ -478,7 +516,7 @@ def compile_specs() -> list[CompileSpec]:
         meta, opts = _config.launch_kwargs(cfg)
         const = {"BLOCK_W": meta["BLOCK_W"]}
         sig = {"mask_ptr": "*i64", "nvalid_ptr": "*i32", "removed_ptr": "*i64", "keep_ptr": "*i64",
-               "count_ptr": "*i64", "N": "i32", "W": "i32", "max_output": "i32", "BLOCK_W": "constexpr"}
+               "count_ptr": "*i64", "W": "i32", "NP": "i32", "max_output": "i32", "BLOCK_W": "constexpr"}
         specs.append(CompileSpec(f"nms_reduce[W{meta['BLOCK_W']},w{opts['num_warps']}]", _nms_reduce_kernel,
                                  sig, const, default=i == 0, **opts))
     specs += mask_specs(_F64_CONFIG, ("float64",), default=True)  # its reduce kernel is _CONFIGS[0]'s

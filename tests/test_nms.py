@@ -5,6 +5,7 @@ interpreter on CPU) and "torch" (the CPU backend built on torchvision's compiled
 """
 import importlib
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -261,6 +262,70 @@ def test_random_boxes_with_a_pair_just_above_threshold(backend, thr):
         assert not {0, n - 1} <= set(keep.tolist())  # the pair never survives together
 
 
+def near_threshold_pairs(thr, per_offset=8, seed=0):
+    """fp32 box pairs whose IoU, computed in torchvision's order with every step rounded to fp32, is the
+    fp32 threshold t or one ulp either side of it. Returns ``boxes [P, 2, 4]`` and each pair's ulp offset.
+
+    Box B shares A's y extent and overlaps it from the right; B's x2 is scanned over 600 consecutive fp32
+    values around the exact solution of IoU = t. Of the values that hit a target, the one whose exact
+    quotient lies farthest from its fp32 rounding is taken: an approximate division (up to 2 ulp off, as
+    fp32 '/' compiles on a GPU) rounds those the other way first. (An IoU of exactly 0.5 is always an exact
+    quotient of two fp32 values.)"""
+    f32 = np.float32
+    t = f32(thr)
+    rng = np.random.default_rng(seed)
+    found = {-1: [], 0: [], 1: []}
+    while min(len(v) for v in found.values()) < per_offset:
+        x1a, y1a = rng.uniform(0, 8, 2).astype(f32)
+        wa, h = rng.uniform(16, 48, 2)
+        x2a, y2a = f32(x1a + wa), f32(y1a + h)
+        x1b = f32(x2a - rng.uniform(float(t) + 0.05, 0.99) * (x2a - x1a))  # overlap fraction above t
+        inter_w = float(x2a) - float(x1b)
+        x2b0 = f32(float(x1b) + inter_w * (1 / float(t) + 1) - (float(x2a) - float(x1a)))  # IoU = t exactly
+        x2b = (np.array([x2b0]).view(np.int32) + np.arange(-300, 301, dtype=np.int32)).view(f32)
+        x2b = x2b[x2b >= x2a]  # the formula above assumed B reaches past A
+        w = np.maximum(np.minimum(x2a, x2b) - np.maximum(x1a, x1b), f32(0))
+        hh = np.maximum(np.minimum(y2a, y2a) - np.maximum(y1a, y1a), f32(0))
+        inter = w * hh
+        den = ((x2a - x1a) * (y2a - y1a) + (x2b - x1b) * (y2a - y1a)) - inter
+        iou = inter / den
+        ulp = np.spacing(iou).astype(np.float64)
+        hard = np.abs(inter.astype(np.float64) / den.astype(np.float64) - iou.astype(np.float64)) / ulp
+        offset = iou.view(np.int32).astype(np.int64) - int(np.array(t).view(np.int32))
+        for off, got in found.items():
+            score = np.where(offset == off, hard, -1.0)
+            best = int(np.argmax(score))
+            if score[best] >= 0 and len(got) < per_offset:
+                got.append([[x1a, y1a, x2a, y2a], [x1b, y1a, x2b[best], y2a]])
+    boxes = [pair for off in found for pair in found[off]]
+    offsets = [off for off in found for _ in found[off]]
+    return torch.tensor(np.array(boxes, dtype=f32)), offsets
+
+
+# fp32(0.7) < 0.7 and 0.375, 0.5 are exact: an IoU equal to fp32(thr) is kept by torchvision's CPU kernel
+# (which compares with the double) as by its CUDA kernel and ours (fp32 threshold); fp32(0.3) > 0.3 is not
+@pytest.mark.parametrize("thr", [0.375, 0.5, 0.7])
+def test_iou_one_ulp_either_side_of_the_threshold(backend, thr):
+    """IoUs equal to the fp32 threshold, and one ulp below and above: kept, kept, suppressed, as
+    torchvision decides. The kernels need torchvision's rounding of every step and a correctly rounded
+    division for this (the interpreter divides exactly anyway; compiled fp32 '/' does not)."""
+    pairs, offsets = near_threshold_pairs(thr)
+    P = len(pairs)
+    scores = torch.tensor([0.9, 0.8]).repeat(P, 1)
+    ref = [torchvision.ops.nms(pairs[p], scores[p], thr) for p in range(P)]
+    # the construction is what it claims: torchvision suppresses exactly the pairs one ulp above
+    assert [len(r) for r in ref] == [1 if off > 0 else 2 for off in offsets]
+    keep, num = nms_padded(pairs, scores, thr, 2)  # one pair per image
+    for p in range(P):
+        assert torch.equal(keep[p, :int(num[p])], ref[p]), (p, offsets[p])
+    if backend == "triton":  # all pairs in one image, a class each (the torch backend's class strips are fp64)
+        flat_scores = (scores - torch.arange(P)[:, None] * 1e-3).reshape(-1)
+        kept = torch.cat([r + 2 * p for p, r in enumerate(ref)])
+        expected = kept[torch.sort(flat_scores[kept], descending=True, stable=True).indices]
+        ids = torch.arange(P).repeat_interleave(2)
+        assert torch.equal(batched_nms(pairs.reshape(-1, 4), flat_scores, ids, thr), expected)
+
+
 def test_float64_boxes(backend):
     boxes, scores = clustered_boxes(257, seed=13, dtype=torch.float64)
     scores = scores.double()
@@ -293,7 +358,7 @@ def test_fp16_boxes_keep_what_fp32_keeps(backend):
 def test_autocast_changes_nothing(backend, monkeypatch):
     seen = []  # whether autocast was on inside the op bodies
     mod = importlib.import_module("kernels.nms")
-    for name in ("_sorted_inputs", "_torch_nms_image"):  # every path meets at least one of them
+    for name in ("_sorted_inputs", "_torch_nms_image", "_torch_nms_flat_common_case"):  # every path meets one
         fn = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, fn=fn: seen.append(torch.is_autocast_enabled("cpu")) or fn(*a))
     boxes, scores = clustered_boxes(130, seed=12)
