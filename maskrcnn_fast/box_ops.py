@@ -67,6 +67,9 @@ _WEIGHT_CACHE: dict = {}
 def _weights_like(weights, t: torch.Tensor) -> torch.Tensor:
     """The 4 coding weights as a (cached) tensor on ``t``'s device, created once per device."""
     key = (tuple(weights), t.dtype, t.device)
+    if torch.compiler.is_compiling():
+        # a constant of the traced graph; caching it would keep torch.export's fake tensor for later eager calls
+        return torch.tensor(weights, dtype=t.dtype, device=t.device)
     if key not in _WEIGHT_CACHE:
         _WEIGHT_CACHE[key] = torch.tensor(weights, dtype=t.dtype).to(t.device)
     return _WEIGHT_CACHE[key]

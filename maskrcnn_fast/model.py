@@ -54,9 +54,8 @@ class MaskRCNN(nn.Module):
         if self.training:
             _check_target_values(gt, self.cfg.num_classes)
             return self.losses(batch, hw, gt)
-        features = list(self.backbone(batch).values())
-        proposals, valid, _ = self.rpn(features, hw, tuple(batch.shape[-2:]))
-        return self.detect(features[:4], proposals, valid, hw, image_hw, [tuple(im.shape[-2:]) for im in images])
+        detections = self.detect(batch, hw)
+        return split_per_image(*detections, image_hw, [tuple(im.shape[-2:]) for im in images])
 
     def losses(self, batch: torch.Tensor, image_hw: torch.Tensor, gt: dict) -> dict[str, torch.Tensor]:
         """The training losses from an already transformed batch: static shapes, no host sync, so
@@ -70,26 +69,38 @@ class MaskRCNN(nn.Module):
                                      gt["valid"], gt["masks"])
         return {**head_losses, **rpn_losses}
 
-    def detect(self, features, proposals, proposal_valid, hw, image_hw, original_hw) -> list[dict]:
+    def detect(self, batch: torch.Tensor, image_hw: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The inference core: everything before the per-image split, with static shapes and no host
+        sync, so it compiles (``torch.compile``/``torch.export``) or is captured for a fixed batch shape.
+
+        ``batch[B,3,Hp,Wp]``, ``image_hw[B,2]`` (float, resized sizes). Returns ``boxes[B,D,4]``,
+        ``scores[B,D]``, ``labels[B,D]``, ``valid[B,D]`` (valid detections first in each row) and
+        ``masks[B,D,M,M]`` (RoI mask probabilities of each detection's class), D = detections per image.
+        """
+        features = list(self.backbone(batch).values())
+        proposals, proposal_valid, _ = self.rpn(features, image_hw, tuple(batch.shape[-2:]))
+        features = features[:4]
         b, p, _ = proposals.shape
         batch_idx = torch.arange(b, device=proposals.device, dtype=proposals.dtype).view(b, 1, 1).expand(b, p, 1)
         rois = torch.cat([batch_idx, proposals], dim=2).view(-1, 5)
         class_logits, box_deltas = self.roi_heads.box_branch(features, rois)
         boxes, scores, labels, valid = select_detections(class_logits, box_deltas, proposals, proposal_valid,
-                                                         hw, self.cfg)
+                                                         image_hw, self.cfg)
         d = boxes.shape[1]
         det_idx = torch.arange(b, device=boxes.device, dtype=boxes.dtype).view(b, 1, 1).expand(b, d, 1)
         det_rois = torch.cat([det_idx, boxes], dim=2).view(-1, 5)
         masks = self.roi_heads.mask_probs(features, det_rois, labels.view(-1))
-        masks = masks.view(b, d, *masks.shape[-2:])
-        return split_per_image(boxes, scores, labels, valid, masks, image_hw, original_hw)
+        return boxes, scores, labels, valid, masks.view(b, d, *masks.shape[-2:])
 
     # ------------------------------------------------------------------ transform
-    def transform(self, images: list[torch.Tensor], targets: list[dict] | None):
+    def transform(self, images: list[torch.Tensor], targets: list[dict] | None,
+                  padded_hw: tuple[int, int] | None = None, gt_capacity: int | None = None):
         """Normalise, resize (torchvision's rule and arithmetic), pad to a multiple of ``size_divisible``.
 
         Returns the batch ``[B, 3, Hp, Wp]``, the resized sizes, and (training) the padded ground truth:
         ``boxes[B, G, 4]``, ``labels[B, G]``, ``masks[B, G, Hp, Wp]`` (uint8), ``valid[B, G]``.
+        ``padded_hw`` and ``gt_capacity`` fix ``(Hp, Wp)`` and ``G`` (a shape bucket, see
+        :mod:`maskrcnn_fast.graphs`); a batch that does not fit raises :class:`DoesNotFitError`.
         """
         cfg = self.cfg
         resized, sizes = [], []
@@ -104,18 +115,29 @@ class MaskRCNN(nn.Module):
         d = cfg.size_divisible
         hp = -(-max(s[0] for s in sizes) // d) * d
         wp = -(-max(s[1] for s in sizes) // d) * d
+        if padded_hw is not None:
+            if hp > padded_hw[0] or wp > padded_hw[1]:
+                raise DoesNotFitError(f"resized images need {hp}x{wp}, more than the bucket's "
+                                      f"{padded_hw[0]}x{padded_hw[1]}")
+            hp, wp = padded_hw
+        if gt_capacity is not None and targets is not None:
+            most = max(t["boxes"].shape[0] for t in targets)
+            if most > gt_capacity:
+                raise DoesNotFitError(f"an image has {most} ground-truth objects, more than the capacity "
+                                      f"{gt_capacity}")
         batch = resized[0].new_zeros((len(images), 3, hp, wp))
         for i, x in enumerate(resized):
             batch[i, :, : x.shape[-2], : x.shape[-1]].copy_(x)
         if cfg.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        gt = None if targets is None else self._pad_targets(targets, images, sizes, (hp, wp), batch.device)
+        gt = None if targets is None else self._pad_targets(targets, images, sizes, (hp, wp), batch.device,
+                                                            gt_capacity)
         return batch, sizes, gt
 
     @staticmethod
-    def _pad_targets(targets, images, sizes, padded_hw, device) -> dict:
+    def _pad_targets(targets, images, sizes, padded_hw, device, capacity=None) -> dict:
         b = len(targets)
-        g = max(1, max(t["boxes"].shape[0] for t in targets))
+        g = capacity or max(1, max(t["boxes"].shape[0] for t in targets))
         # padded boxes are a harmless unit box: they never match (invalid) and never divide by zero
         boxes = torch.zeros((b, g, 4), device=device)
         boxes[..., 2:] = 1.0
@@ -141,6 +163,10 @@ class MaskRCNN(nn.Module):
             if h < padded_hw[0]:
                 masks[i, :n, h, :w + 1] = masks[i, :n, h - 1, :w + 1]
         return {"boxes": boxes, "labels": labels, "valid": valid, "masks": masks}
+
+
+class DoesNotFitError(ValueError):
+    """A batch larger than a fixed shape bucket (image size or ground-truth count)."""
 
 
 def _to_device(values, device) -> torch.Tensor:

@@ -121,3 +121,24 @@ def test_steady_state_losses_make_no_tensor_from_host_data(backend):
     assert counts.host_data == 0, counts.host_data_sites
     assert op_counts.host_data == 0 and op_counts.ops > 0, op_counts.host_data_sites
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_steady_state_inference_core_makes_no_tensor_from_host_data(backend):
+    """The inference core (``MaskRCNN.detect``: everything before the per-image split) called a second time
+    for the same shapes creates no tensor from host data, copies nothing between devices and never syncs:
+    it can be captured (tests/test_export.py exports it; bench/test_bench_model.py replays it on CUDA)."""
+    import kernels
+
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    images, _ = make_batch()
+    with kernels.use_backend(backend), torch.no_grad():
+        batch, image_hw, _ = model.transform(images, None)
+        hw = torch.tensor(image_hw, dtype=torch.float32)
+        model.detect(batch, hw)  # first call: anchors, box-coder weights and launch metadata are cached
+        with count_syncs() as counts:
+            boxes, scores, labels, valid, masks = model.detect(batch, hw)
+    assert counts.host_data == 0, counts.host_data_sites
+    assert counts.syncs == 0, f"{counts}\n" + "\n".join(f"{w}: {s}" for w, s in counts.sync_sites)
+    assert counts.ops > 0 and int(valid.sum()) > 0 and masks.shape[:2] == valid.shape
