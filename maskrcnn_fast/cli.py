@@ -40,6 +40,11 @@ def _add_train_args(p):
     p.add_argument("--clip-grad", type=float, default=d.clip_grad, help="max gradient norm (0: off)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision on CUDA: bf16, or fp16 + GradScaler (default: on with CUDA)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="capture one training step per shape bucket in a CUDA graph and replay it "
+                        "(bf16 or fp32, one process; on CPU the same step runs uncaptured)")
+    p.add_argument("--gt-capacity", type=int, default=d.gt_capacity,
+                   help="ground-truth objects per image a bucket holds (--cuda-graphs)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true", help="continue exactly from OUT/last.pt")
     p.add_argument("--eval-every", type=int, default=None, help="iterations between COCO evaluations")
@@ -54,7 +59,7 @@ def _add_train_args(p):
 def _train_config(args):
     from maskrcnn_fast.train import TrainConfig
 
-    for name in ("iters", "epochs", "batch_size", "image_size", "train_images", "val_images"):
+    for name in ("iters", "epochs", "batch_size", "image_size", "train_images", "val_images", "gt_capacity"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -68,7 +73,8 @@ def _train_config(args):
                        warmup_iters=args.warmup, clip_grad=args.clip_grad or None, amp=args.amp,
                        device=args.device, out=args.out, seed=args.seed, resume=args.resume,
                        eval_every=eval_every, workers=args.workers, image_size=args.image_size,
-                       train_images=args.train_images, val_images=args.val_images, stop_after=args.stop_after)
+                       train_images=args.train_images, val_images=args.val_images, stop_after=args.stop_after,
+                       cuda_graphs=args.cuda_graphs, gt_capacity=args.gt_capacity)
 
 
 def cmd_train(args) -> int:

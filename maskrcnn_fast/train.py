@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from maskrcnn_fast import checkpoint
+from maskrcnn_fast import checkpoint, graphs
 from maskrcnn_fast.checkpoint import rng_state, set_rng_state
 from maskrcnn_fast.data import build_dataset, epoch_batches, make_loader
 from maskrcnn_fast.errors import NonFiniteLossError, UserError
@@ -86,6 +86,8 @@ class TrainConfig:
     train_images: int = 8192           # shapes only; rendered on the fly, so a fresh image almost every step
     val_images: int = 64               # shapes only
     stop_after: int | None = None      # stop (as if killed) after this iteration; for resume tests
+    cuda_graphs: bool = False          # one captured step per shape bucket, replayed (maskrcnn_fast.graphs)
+    gt_capacity: int = 100             # ground-truth slots per image of a bucket (--cuda-graphs)
     model_kwargs: dict = field(default_factory=dict)
 
     # settings that may change between a run and its resumption
@@ -264,6 +266,8 @@ def _train(cfg, device, ddp, stored, plot_curves, tqdm) -> dict:
     elif not cfg.model_kwargs.get("batch_norm"):
         first = [train_ds[k] for k in epoch_batches(train_ds, cfg.batch_size, 0, cfg.seed)[0]]
         calibrate_frozen_bn(model, [im.to(device) for im, _ in (x for x in first if x is not None)])
+    graphed = graphs.for_training(cfg, model, optimizer, scheduler, lr, total, amp_dtype, start, ddp.world,
+                                  tqdm.write) if cfg.cuda_graphs else None
     net = model
     if ddp.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -321,41 +325,46 @@ def _train(cfg, device, ddp, stored, plot_curves, tqdm) -> dict:
             images = [im.to(device, non_blocking=True) for im in images]
             targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
                        for t in targets]
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                losses = net(images, targets)
-            loss = sum(losses[k] for k in LOSS_TERMS)
-            # one host sync per iteration: the log needs the values, and a NaN must stop us before the step
-            values = ddp.mean(torch.stack([loss.detach().float()] + [losses[k].detach().float() for k in LOSS_TERMS]))
-            values = values.tolist()
-            if not all(math.isfinite(v) for v in values):
-                terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(("loss",) + LOSS_TERMS, values))
-                kept = f"{cfg.out}/last.pt (iteration {_ckpt_iter(cfg.out)}) is kept" if os.path.exists(
-                    os.path.join(cfg.out, "last.pt")) else "no checkpoint was written"
-                raise NonFiniteLossError(f"non-finite loss at iteration {it + 1}: {terms}; training stopped, {kept}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
-            train_seconds += dt
+            if graphed is not None:  # losses are read every graphs.READ_EVERY steps and before eval/save
+                n = it + 1
+                rows = graphed.step(images, targets, read=n in (stop, total) or any(
+                    every and n % every == 0 for every in (cfg.eval_every, cfg.ckpt_every)))
+            else:
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    losses = net(images, targets)
+                loss = sum(losses[k] for k in LOSS_TERMS)
+                # one host sync per iteration: the log needs the values, and a NaN must stop us before the step
+                values = ddp.mean(torch.stack([loss.detach().float()] + [losses[k].detach().float()
+                                                                         for k in LOSS_TERMS])).tolist()
+                if not all(math.isfinite(v) for v in values):
+                    raise _non_finite(cfg, it + 1, values)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.clip_grad:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                lr = optimizer.param_groups[0]["lr"]
+                scheduler.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                rows = [(it + 1, values, lr, time.perf_counter() - t0)]
             it += 1
-            img_s = len(images) * ddp.world / dt
-            if ddp.main:
-                record = {"iter": it, "loss": values[0], **dict(zip(LOSS_TERMS, values[1:])), "lr": lr,
-                          "img_s": img_s, "time_s": train_seconds}
-                if skipped:
-                    record["skipped_images"] = skipped
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+            for row_it, values, lr, dt in rows:
+                if not all(math.isfinite(v) for v in values):
+                    raise _non_finite(cfg, row_it, values)
+                train_seconds += dt
+                img_s = len(images) * ddp.world / dt
+                if ddp.main:
+                    record = {"iter": row_it, "loss": values[0], **dict(zip(LOSS_TERMS, values[1:])), "lr": lr,
+                              "img_s": img_s, "time_s": train_seconds}
+                    if skipped:
+                        record["skipped_images"] = skipped
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                bar.set_postfix(loss=f"{values[0]:.3f}", img_s=f"{img_s:.1f}")
             bar.update(1)
-            bar.set_postfix(loss=f"{values[0]:.3f}", img_s=f"{img_s:.1f}")
             if it == total or (cfg.eval_every and it % cfg.eval_every == 0):
                 metrics = run_eval(it)
             elif cfg.ckpt_every and it % cfg.ckpt_every == 0 or it == stop:
@@ -375,6 +384,13 @@ def _train(cfg, device, ddp, stored, plot_curves, tqdm) -> dict:
             json.dump(final, f, indent=1)
         plot_curves(log_path, history, os.path.join(cfg.out, "curves.png"))
     return metrics
+
+
+def _non_finite(cfg, it: int, values) -> NonFiniteLossError:
+    terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(("loss",) + LOSS_TERMS, values))
+    kept = f"{cfg.out}/last.pt (iteration {_ckpt_iter(cfg.out)}) is kept" if os.path.exists(
+        os.path.join(cfg.out, "last.pt")) else "no checkpoint was written"
+    return NonFiniteLossError(f"non-finite loss at iteration {it}: {terms}; training stopped, {kept}")
 
 
 def _ckpt_iter(out: str):
