@@ -25,7 +25,7 @@ Compile
     then reads registers, stack/local bytes (cuobjdump), shared memory, and counts global load / store /
     atomic instructions by access width in bits from the SASS (PTX if cuobjdump fails): ``LDG.E.128`` -> 128,
     ``LDG.E.U16`` -> 16, ``REDG.E.ADD.F32x4`` -> 128, ``RED.E.ADD.64`` -> 64. Counts are static (instructions
-    in the code), not dynamic.
+    in the code), not dynamic. ``approx_div`` counts approximate fp32 divisions in the PTX.
 """
 from __future__ import annotations
 
@@ -302,6 +302,8 @@ def compile_row(launch: Launch, cc: int) -> dict:
         except (OSError, subprocess.CalledProcessError):
             access, row["access_from"] = ptx_access(compiled.asm["ptx"]), "ptx"
         row["global_access"] = {k: access[k] for k in ("load", "store", "atomic")}
+        # approximate fp32 division (div.full.f32, <= 2 ulp) where torch divides exactly (e.g. an IoU threshold)
+        row["approx_div"] = len(re.findall(r"\bdiv\.(?:full|approx)\.f32\b", compiled.asm["ptx"]))
         row["local_access"] = {"load": access["local_load"], "store": access["local_store"]}
     except Exception as e:  # reported per row; the report fails on any
         row["error"] = f"{type(e).__name__}: {str(e)[-2000:]}"
