@@ -23,14 +23,13 @@ METRICS = ("gpu__time_duration.sum", "dram__throughput.avg.pct_of_peak_sustained
 KERNELS = "regex:roi_align|nms|sigmoid_bce|mask_predictor"
 
 
-def cases():
+def cases(dev: str = "cuda"):
     """(label, fn) at model shapes: 2 images 800x1216, FPN P2-P5 with 256 channels, bf16 channels_last."""
     import torch
 
     import kernels
     from bench.audit import BOX_ROIS, CLASSES, LEVELS, MASK_ROIS, SCALES, _rois
 
-    dev = "cuda"
     gen = torch.Generator().manual_seed(0)
     feats = [torch.randn(2, 256, h, w, device=dev, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
              .requires_grad_(True) for h, w in LEVELS]
