@@ -3,8 +3,10 @@
 Maths (torchvision ``roi_heads.project_masks_on_boxes``)
     target[r] = RoIAlign(gt_masks[matched_idxs[r]], boxes[r], (M, M), spatial_scale=1,
                          sampling_ratio=-1 (adaptive: ceil(box size / M) samples per bin), aligned=False)
-computed by ``kernels.roi_align`` (Triton forward; the targets need no gradient), in the boxes' dtype
-(float64 boxes are passed to it as float64, as torchvision does).
+computed by the RoIAlign forward kernel on the masks as they are (uint8/bool/float: one channel, converted
+to the boxes' dtype in registers, so no float copy of the masks is made), with its one-channel tile
+(28x28 bins in programs of 128: no spills, no idle channel lanes), in the boxes' dtype (float64 boxes
+compute in float64, as torchvision's do). Targets need no gradient.
 
 Targets inside the loss kernel: ``mask_targets_from_gt(gt_masks, boxes, matched_idxs)`` returns a lazy
 description that ``sigmoid_bce_mask_loss`` / ``mask_predictor_loss`` accept in place of ``mask_targets``;
@@ -14,11 +16,11 @@ The projection computes in the boxes pointer's dtype, which the loss launchers s
 compute dtype: fp32, or fp64 for fp64 logits/features (as torchvision's float64 RoIAlign does).
 
 Bytes moved (G gt masks of H x W, R RoIs; 128 RoIs, 20 masks of 800x1216 in brackets)
-    gt_masks -> float32 copy: G*H*W*(1 + 4) [97 MB]  (uint8 masks; the copy is torchvision's too)
+    no float32 copy of the masks (torchvision's G*H*W*(1 + 4) [97 MB] plus its re-read);
     RoIAlign reads at most 4 * R*M*M*grid^2 texels through L2 (boxes ~100 px: grid 4, 6.4 MB) and
     writes R*M*M*4 [0.4 MB].
     in-kernel targets: the same texel reads straight from the uint8/bool masks (1 byte per texel),
-    no float copy, no [R,M,M] write + re-read.
+    no [R,M,M] write + re-read.
 """
 from __future__ import annotations
 
@@ -28,10 +30,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._backend import (FLOAT_DTYPES, InputError, assert_in_range, check_same_device, check_tensor,
-                              no_autocast)
+from kernels._backend import (FLOAT_DTYPES, InputError, assert_in_range, backend_for, check_same_device,
+                              check_tensor, no_autocast)
+from kernels._roi_align_triton import _bilinear
 from kernels._roi_common import MAX_GRID
-from kernels.roi_align import _bilinear, roi_align
+from kernels.roi_align import _launch_fwd, roi_align
 
 _MAX_GRID = tl.constexpr(MAX_GRID)
 
@@ -124,6 +127,25 @@ def _check(gt_masks, boxes, matched_idxs, op="project_masks_on_boxes"):
     check_same_device(gt_masks=gt_masks, boxes=boxes, matched_idxs=matched_idxs)
 
 
+# masks the kernel reads as they are (converted in registers exactly as Tensor.to would)
+_DIRECT_MASK_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@torch.library.custom_op("maskrcnn_fast::project_masks_on_boxes", mutates_args=())
+def _project_masks(gt_masks: torch.Tensor, rois: torch.Tensor, M: int) -> torch.Tensor:
+    """``rois`` [R, 5] (matched index, box) in the targets' dtype."""
+    with no_autocast(rois.device):
+        if backend_for(rois) == "triton" and gt_masks.dtype in _DIRECT_MASK_DTYPES:
+            levels = torch.zeros(rois.shape[0], dtype=torch.int32, device=rois.device)
+            return _launch_fwd([gt_masks[:, None]], rois, levels, [1.0], M, M, -1, False, out_dtype=rois.dtype)[:, 0]
+        return roi_align(gt_masks[:, None].to(rois.dtype), rois, (M, M), 1.0)[:, 0]
+
+
+@_project_masks.register_fake
+def _(gt_masks, rois, M):
+    return rois.new_empty((rois.shape[0], M, M))
+
+
 def project_masks_on_boxes(gt_masks: torch.Tensor, boxes: torch.Tensor, matched_idxs: torch.Tensor,
                            M: int) -> torch.Tensor:
     """``[R, M, M]`` targets in ``boxes.dtype``; same arguments and result as torchvision's
@@ -132,8 +154,14 @@ def project_masks_on_boxes(gt_masks: torch.Tensor, boxes: torch.Tensor, matched_
     _check(gt_masks, boxes, matched_idxs)
     if not isinstance(M, int) or M <= 0:
         raise InputError(f"project_masks_on_boxes: M must be a positive int, got {M!r}")
+    if boxes.shape[0] > 0 and 0 in gt_masks.shape:
+        raise InputError(f"project_masks_on_boxes: {boxes.shape[0]} boxes but gt_masks has shape "
+                         f"{tuple(gt_masks.shape)}")
+    assert_in_range(matched_idxs, 0, gt_masks.shape[0],
+                    f"project_masks_on_boxes: matched_idxs (the batch index) must be in [0, {gt_masks.shape[0]})")
+    if gt_masks.dtype == torch.bool:
+        gt_masks = gt_masks.view(torch.uint8)  # same bytes, no copy
     dtype = boxes.dtype
     with no_autocast(boxes.device):
         rois = torch.cat([matched_idxs.to(dtype)[:, None], boxes], dim=1)
-        # roi_align checks the matched index (its batch index) against G, asynchronously on CUDA
-        return roi_align(gt_masks[:, None].to(dtype), rois, (M, M), 1.0)[:, 0]
+        return _project_masks(gt_masks, rois, M)

@@ -1,4 +1,5 @@
-"""RoIAlign and multi-level (FPN) RoIAlign, forward and backward, as Triton kernels.
+"""RoIAlign and multi-level (FPN) RoIAlign, forward and backward: launchers, op registration and API.
+The Triton kernels are in ``_roi_align_triton.py``, the PyTorch (CPU) backend in ``_roi_align_torch.py``.
 
 Maths (He et al., Mask R-CNN, sec. 3; torchvision's exact sampling rule)
     For RoI k with box (x1, y1, x2, y2) on a level with scale s and offset o = 0.5 if aligned:
@@ -13,6 +14,10 @@ Multi-level: level(k) = clamp(floor(4 + log2(sqrt(area_k) / 224) + 1e-6), k_min,
 as torchvision's LevelMapper. One launch covers all levels: each program loads its RoI's level and
 selects that level's pointer and geometry.
 
+Layout: every level is used dense, channels_last (NHWC, the model's default on CUDA) when the features
+are not plain contiguous and have unit channel stride, else contiguous NCHW; other strides are made
+dense first (torchvision makes its input contiguous too). Gradients come back in that layout.
+
 Bytes moved (the roofline budget; no kernel can move less)
     forward : K*C*PH*PW*e (output) + K*5*4 (rois) + min(unique sampled texels, N*C*H*W)*e reads;
               each sample reads 4 texels, so with 16-byte channel runs (channels_last) the texel
@@ -21,8 +26,7 @@ Bytes moved (the roofline budget; no kernel can move less)
               + N*C*H*W*e (cast to the input dtype); deterministic: int64 accumulator (8 B/elem).
     e = element size of the features (2 for fp16/bf16, 4 for fp32).
 
-Backends: CUDA -> Triton; CPU + TRITON_INTERPRET=1 -> Triton interpreter; CPU otherwise -> the
-vectorized PyTorch code at the bottom (its backward is autograd through the same code).
+Backends: CUDA -> Triton; CPU + TRITON_INTERPRET=1 -> Triton interpreter; CPU otherwise -> PyTorch.
 """
 from __future__ import annotations
 
@@ -32,214 +36,34 @@ from typing import Sequence
 
 import torch
 import triton
-import triton.language as tl
 
-from kernels import _config
+from kernels import _compat, _config
 from kernels._backend import InputError, backend_for, compute_dtype, no_autocast
 from kernels._compile import TORCH_TO_TRITON, CompileSpec
 from kernels._roi_align_torch import _torch_roi_align, _torch_roi_align_bwd
+from kernels._roi_align_triton import _roi_align_bwd_kernel, _roi_align_fwd_kernel
 from kernels._roi_common import (MAX_GRID, check_rois, fixed_point_scale, from_fixed_point, pair,
                                  rois_from_boxes, tl_compute_dtype)
 
 MAX_LEVELS = 5
-META_COLS = 10   # per level: H, W, in strides (n, c, h, w), grad strides (n, c, h, w)
 
-
-@triton.jit
-def _select_level(lvl, p0, p1, p2, p3, p4, NUM_LEVELS: tl.constexpr):
-    ptr = p0
-    if NUM_LEVELS > 1:
-        if lvl == 1:
-            ptr = p1
-        if NUM_LEVELS > 2:
-            if lvl == 2:
-                ptr = p2
-            if NUM_LEVELS > 3:
-                if lvl == 3:
-                    ptr = p3
-                if NUM_LEVELS > 4:
-                    if lvl == 4:
-                        ptr = p4
-    return ptr
-
-
-@triton.jit
-def _roi_geometry(rois_ptr, levels_ptr, meta_ptr, scales_ptr, k, N, PH, PW, sampling_ratio,
-                  ALIGNED: tl.constexpr, NUM_LEVELS: tl.constexpr, MAX_GRID: tl.constexpr, ACC: tl.constexpr):
-    """Everything about RoI k that does not depend on the output bin (in ACC: fp32, or fp64 for fp64 input)."""
-    b = tl.load(rois_ptr + k * 5).to(ACC)
-    x1 = tl.load(rois_ptr + k * 5 + 1).to(ACC)
-    y1 = tl.load(rois_ptr + k * 5 + 2).to(ACC)
-    x2 = tl.load(rois_ptr + k * 5 + 3).to(ACC)
-    y2 = tl.load(rois_ptr + k * 5 + 4).to(ACC)
-    lvl = 0
-    if NUM_LEVELS > 1:
-        lvl = tl.minimum(tl.maximum(tl.load(levels_ptr + k), 0), NUM_LEVELS - 1)
-    scale = tl.load(scales_ptr + lvl).to(ACC)
-    # clamp the batch index so that a bad value (also reported by the launcher) stays in bounds
-    b = tl.minimum(tl.maximum(tl.where(b == b, b, 0.0), 0.0), N - 1.0).to(tl.int64)
-    off = 0.5 if ALIGNED else 0.0
-    start_w = x1 * scale - off
-    start_h = y1 * scale - off
-    roi_w = x2 * scale - off - start_w
-    roi_h = y2 * scale - off - start_h
-    if not ALIGNED:
-        roi_w = tl.maximum(roi_w, 1.0)
-        roi_h = tl.maximum(roi_h, 1.0)
-    bin_h = roi_h / PH
-    bin_w = roi_w / PW
-    if sampling_ratio > 0:
-        grid_h = sampling_ratio
-        grid_w = sampling_ratio
-    else:
-        # NaN sizes give an empty grid (output 0); huge ones are capped at MAX_GRID
-        gh = tl.where(roi_h == roi_h, tl.ceil(roi_h / PH), 0.0)
-        gw = tl.where(roi_w == roi_w, tl.ceil(roi_w / PW), 0.0)
-        grid_h = tl.minimum(tl.maximum(gh, 0.0), MAX_GRID).to(tl.int32)
-        grid_w = tl.minimum(tl.maximum(gw, 0.0), MAX_GRID).to(tl.int32)
-    count = tl.maximum(grid_h * grid_w, 1).to(ACC)
-    H = tl.load(meta_ptr + lvl * 10 + 0)
-    W = tl.load(meta_ptr + lvl * 10 + 1)
-    return b, lvl, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count, H, W
-
-
-@triton.jit
-def _bilinear(y, x, H, W):
-    """torchvision's bilinear_interpolate: corner indices, weights and validity for sample (y, x)."""
-    Hf = H.to(y.dtype)
-    Wf = W.to(x.dtype)
-    valid = (y >= -1.0) & (y <= Hf) & (x >= -1.0) & (x <= Wf)
-    y = tl.where(valid, tl.maximum(y, 0.0), 0.0)  # NaN/inf never reach the int conversion
-    x = tl.where(valid, tl.maximum(x, 0.0), 0.0)
-    y_low = y.to(tl.int32)
-    x_low = x.to(tl.int32)
-    y_top = y_low >= H - 1
-    x_top = x_low >= W - 1
-    y_low = tl.where(y_top, H - 1, y_low)
-    x_low = tl.where(x_top, W - 1, x_low)
-    y_high = tl.where(y_top, H - 1, y_low + 1)
-    x_high = tl.where(x_top, W - 1, x_low + 1)
-    y = tl.where(y_top, y_low.to(y.dtype), y)
-    x = tl.where(x_top, x_low.to(x.dtype), x)
-    ly = y - y_low.to(y.dtype)
-    lx = x - x_low.to(x.dtype)
-    hy = 1.0 - ly
-    hx = 1.0 - lx
-    return valid, y_low, x_low, y_high, x_high, hy * hx, hy * lx, ly * hx, ly * lx
-
-
-@triton.jit
-def _sample_corners(s, grid_h, grid_w, start_h, start_w, ph, pw, bin_h, bin_w, H, W, s_h, s_w):
-    """Sample s of every bin: validity, the int64 offsets of its four corners, and their weights."""
-    iy = s // grid_w
-    ix = s - iy * grid_w
-    y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h
-    x = start_w + pw * bin_w + (ix + 0.5) * bin_w / grid_w
-    valid, y_lo, x_lo, y_hi, x_hi, w1, w2, w3, w4 = _bilinear(y, x, H, W)
-    r_lo = y_lo.to(tl.int64) * s_h
-    r_hi = y_hi.to(tl.int64) * s_h
-    c_lo = x_lo.to(tl.int64) * s_w
-    c_hi = x_hi.to(tl.int64) * s_w
-    return valid, r_lo + c_lo, r_lo + c_hi, r_hi + c_lo, r_hi + c_hi, w1, w2, w3, w4
-
-
-@triton.jit
-def _level_strides(meta_ptr, lvl, first_col, CHANNELS_LAST: tl.constexpr):
-    """(n, c, h, w) strides of level ``lvl`` from its meta row, starting at ``first_col``
-    (2: the features, 6: the gradient accumulators)."""
-    row = meta_ptr + lvl * 10 + first_col
-    s_c = 1 if CHANNELS_LAST else tl.load(row + 1)  # constexpr 1: 16-byte channel runs
-    return tl.load(row), s_c, tl.load(row + 2), tl.load(row + 3)
-
-
-@triton.jit
-def _roi_align_fwd_kernel(
-    x0, x1, x2, x3, x4, meta_ptr, scales_ptr, rois_ptr, levels_ptr, out_ptr,
-    N, C, PH, PW, sampling_ratio,
-    ALIGNED: tl.constexpr, NUM_LEVELS: tl.constexpr, MAX_GRID: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
-):
-    k = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p = tl.arange(0, BLOCK_P)
-    b, lvl, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count, H, W = _roi_geometry(
-        rois_ptr, levels_ptr, meta_ptr, scales_ptr, k, N, PH, PW, sampling_ratio,
-        ALIGNED, NUM_LEVELS, MAX_GRID, ACC)
-    x_ptr = _select_level(lvl, x0, x1, x2, x3, x4, NUM_LEVELS)
-    s_n, s_c, s_h, s_w = _level_strides(meta_ptr, lvl, 2, CHANNELS_LAST)
-
-    ph = (p // PW).to(ACC)
-    pw = (p % PW).to(ACC)
-    mask = (p < PH * PW)[:, None] & (c < C)[None, :]
-    base = x_ptr + b * s_n + c[None, :].to(tl.int64) * s_c
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
-    for s in range(0, grid_h * grid_w):
-        valid, o1, o2, o3, o4, w1, w2, w3, w4 = _sample_corners(
-            s, grid_h, grid_w, start_h, start_w, ph, pw, bin_h, bin_w, H, W, s_h, s_w)
-        m = mask & valid[:, None]
-        v1 = tl.load(base + o1[:, None], mask=m, other=0.0).to(ACC)
-        v2 = tl.load(base + o2[:, None], mask=m, other=0.0).to(ACC)
-        v3 = tl.load(base + o3[:, None], mask=m, other=0.0).to(ACC)
-        v4 = tl.load(base + o4[:, None], mask=m, other=0.0).to(ACC)
-        acc += w1[:, None] * v1 + w2[:, None] * v2 + w3[:, None] * v3 + w4[:, None] * v4
-    out = acc / count
-    out_offs = k * C * PH * PW + c[None, :].to(tl.int64) * (PH * PW) + p[:, None]
-    tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _roi_align_bwd_kernel(
-    g0, g1, g2, g3, g4, meta_ptr, scales_ptr, rois_ptr, levels_ptr, grad_ptr, fix_scale_ptr,
-    N, C, PH, PW, sampling_ratio, sg_k, sg_c, sg_h, sg_w,
-    ALIGNED: tl.constexpr, NUM_LEVELS: tl.constexpr, MAX_GRID: tl.constexpr,
-    DETERMINISTIC: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-    ACC: tl.constexpr,
-):
-    k = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p = tl.arange(0, BLOCK_P)
-    b, lvl, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count, H, W = _roi_geometry(
-        rois_ptr, levels_ptr, meta_ptr, scales_ptr, k, N, PH, PW, sampling_ratio,
-        ALIGNED, NUM_LEVELS, MAX_GRID, ACC)
-    acc_ptr = _select_level(lvl, g0, g1, g2, g3, g4, NUM_LEVELS)
-    s_n, s_c, s_h, s_w = _level_strides(meta_ptr, lvl, 6, CHANNELS_LAST)
-
-    ph_i = p // PW
-    pw_i = p % PW
-    ph = ph_i.to(ACC)
-    pw = pw_i.to(ACC)
-    mask = (p < PH * PW)[:, None] & (c < C)[None, :]
-    g_offs = k * sg_k + c[None, :].to(tl.int64) * sg_c + (ph_i.to(tl.int64) * sg_h + pw_i * sg_w)[:, None]
-    g = tl.load(grad_ptr + g_offs, mask=mask, other=0.0).to(ACC)
-    if DETERMINISTIC:
-        fix_scale = tl.load(fix_scale_ptr)
-    base = acc_ptr + b * s_n + c[None, :].to(tl.int64) * s_c
-    for s in range(0, grid_h * grid_w):
-        valid, o1, o2, o3, o4, w1, w2, w3, w4 = _sample_corners(
-            s, grid_h, grid_w, start_h, start_w, ph, pw, bin_h, bin_w, H, W, s_h, s_w)
-        m = mask & valid[:, None]
-        v1 = g * w1[:, None] / count
-        v2 = g * w2[:, None] / count
-        v3 = g * w3[:, None] / count
-        v4 = g * w4[:, None] / count
-        if DETERMINISTIC:
-            v1 = tl.floor(v1.to(tl.float64) * fix_scale + 0.5).to(tl.int64)
-            v2 = tl.floor(v2.to(tl.float64) * fix_scale + 0.5).to(tl.int64)
-            v3 = tl.floor(v3.to(tl.float64) * fix_scale + 0.5).to(tl.int64)
-            v4 = tl.floor(v4.to(tl.float64) * fix_scale + 0.5).to(tl.int64)
-        tl.atomic_add(base + o1[:, None], v1, mask=m, sem="relaxed")
-        tl.atomic_add(base + o2[:, None], v2, mask=m, sem="relaxed")
-        tl.atomic_add(base + o3[:, None], v3, mask=m, sem="relaxed")
-        tl.atomic_add(base + o4[:, None], v4, mask=m, sem="relaxed")
-
-
+# Tiles of BLOCK_P bins x BLOCK_C channels; any of them is valid for any shape (the grid covers the bins
+# and channels in blocks). Spill-free on sm_80/sm_90 where the defaults use them (checked by the compile
+# audit). Per thread at most: forward, two bins' worth of 16-byte channel runs in NHWC (16 bf16/fp16,
+# 8 fp32, 4 fp64 values) and 8 values in NCHW (no vectors there: every value has its own 64-bit address;
+# 16 bf16 values took 174 registers); backward, 8 fp32 or 4 fp64 accumulator values (each atomic has
+# its own address); deterministic, 2 (int64 values and addresses: 4 took 128 registers and spilled).
+# One channel (the mask targets: 28x28 bins of a 1-channel mask) gets its own narrow tile.
 _CONFIGS = [
-    {"BLOCK_C": 32, "num_warps": 4, "num_stages": 1},
-    {"BLOCK_C": 16, "num_warps": 4, "num_stages": 1},
-    {"BLOCK_C": 16, "num_warps": 8, "num_stages": 1},
-    {"BLOCK_C": 8, "num_warps": 8, "num_stages": 1},
-    {"BLOCK_C": 32, "num_warps": 8, "num_stages": 1},
-    {"BLOCK_C": 64, "num_warps": 8, "num_stages": 1},
+    {"BLOCK_P": 64, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1},   # forward, 2-byte features
+    {"BLOCK_P": 64, "BLOCK_C": 16, "num_warps": 4, "num_stages": 1},   # forward fp32 (or C <= 16), backward
+    {"BLOCK_P": 32, "BLOCK_C": 16, "num_warps": 4, "num_stages": 1},   # fp64 forward and backward
+    {"BLOCK_P": 32, "BLOCK_C": 16, "num_warps": 8, "num_stages": 1},   # deterministic backward
+    {"BLOCK_P": 128, "BLOCK_C": 1, "num_warps": 2, "num_stages": 1},   # one channel
+    {"BLOCK_P": 32, "BLOCK_C": 64, "num_warps": 4, "num_stages": 1},
+    {"BLOCK_P": 64, "BLOCK_C": 64, "num_warps": 8, "num_stages": 1},
+    {"BLOCK_P": 128, "BLOCK_C": 32, "num_warps": 8, "num_stages": 1},
+    {"BLOCK_P": 256, "BLOCK_C": 1, "num_warps": 4, "num_stages": 1},
 ]
 
 
@@ -247,59 +71,109 @@ def get_configs() -> list[dict]:
     return _config.collapse(_CONFIGS)
 
 
-def default_config(block_p: int, backward: bool, fp64: bool = False) -> dict:
-    """Spill-free heuristic (checked by bench/compile_report.py): the forward holds up to 16 fp32 values
-    of the [P, C] tile per thread, the backward (four atomic address tiles live at once) 8; half as many
-    fp64 values (two registers each)."""
-    per_thread = (8 if backward else 16) // (2 if fp64 else 1)
-    for cfg in _CONFIGS:
-        if block_p * cfg["BLOCK_C"] <= per_thread * 32 * cfg["num_warps"]:
-            return cfg
-    return _CONFIGS[0]
+def tile_budget(mode: str, itemsize: int, num_warps: int, channels_last: bool = True) -> int:
+    """Most tile elements a program of ``num_warps`` may hold without spilling (see ``_CONFIGS``):
+    ``mode`` "fwd", "bwd" or "det", ``itemsize`` the features' element size in bytes."""
+    fwd = 32 // max(itemsize, 2) if channels_last else 32 // max(itemsize, 4)
+    per_thread = {"fwd": fwd, "bwd": 32 // max(itemsize, 4), "det": 2}[mode]
+    return per_thread * 32 * num_warps
 
 
-def _block_p(ph: int, pw: int) -> int:
-    return triton.next_power_of_2(ph * pw)
+def default_config(P: int, C: int, mode: str, itemsize: int = 2, channels_last: bool = True) -> dict:
+    """The heuristic tile for P = PH*PW bins and C channels in ``mode`` ("fwd", "bwd", "det") for features
+    of ``itemsize`` bytes in that layout: always one of ``_CONFIGS`` within :func:`tile_budget` (never an
+    oversized fallback: bins beyond a tile go to more programs)."""
+    if C == 1:
+        return _CONFIGS[4]
+    if mode == "det":
+        return _CONFIGS[3]
+    if itemsize == 8:
+        return _CONFIGS[2]
+    wide = mode == "fwd" and channels_last and itemsize <= 2 and C > 16
+    return _CONFIGS[0] if wide else _CONFIGS[1]
 
 
-def _channels_last(tensors: Sequence[torch.Tensor]) -> bool:
-    return all(t.stride(1) == 1 for t in tensors)
+def _bucket(P: int, C: int) -> str:
+    return f"p{triton.next_power_of_2(P)}" + ("c1" if C == 1 else "")
+
+
+def channels_last_layout(features: Sequence[torch.Tensor]) -> bool:
+    """The kernels' layout for these levels (see the module docstring): NHWC unless all are contiguous
+    or a level's channels are not innermost."""
+    return (not all(f.is_contiguous() for f in features)
+            and all(f.stride(1) == 1 or f.shape[1] == 1 for f in features))
+
+
+def _bins_first(channels_last: bool) -> bool:
+    """Tile orientation (see _roi_align_triton.py): [P, C] for NHWC, and for NCHW the one whose lanes go
+    along the bins. Those loads are gathers with no contiguity in either dimension, and the coalescing
+    pass breaks that tie differently: triton 3.6 makes dim 0 the fastest, 3.8 dim 1 (the other choice
+    puts the lanes along C there: 148/174 registers forward/backward instead of 90/90, sm_90, bf16)."""
+    return channels_last or _compat.version() < (3, 7)
+
+
+def _dense(features: Sequence[torch.Tensor], channels_last: bool) -> list[torch.Tensor]:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return [f.contiguous(memory_format=fmt) for f in features]
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_meta(rows: tuple, scales: tuple, scale_dtype: torch.dtype, device: torch.device):
-    """Launch metadata as device tensors, made once per (shapes, strides, scales, device): a steady-state
+def _cached_meta(sizes: tuple, scales: tuple, scale_dtype: torch.dtype, device: torch.device):
+    """Level sizes (H, W) and scales as device tensors, made once per (shapes, scales, device): a steady-state
     call creates no tensor from host data, so a step can be captured in a CUDA graph."""
-    meta = torch.tensor(rows, dtype=torch.int64).to(device)
-    return meta, torch.tensor(scales, dtype=scale_dtype).to(device)
+    hw = torch.tensor(sizes, dtype=torch.int32).to(device)
+    return hw, torch.tensor(scales, dtype=scale_dtype).to(device)
 
 
-def _level_meta(features: Sequence[torch.Tensor], grads: Sequence[torch.Tensor] | None, scales):
-    rows = []
-    for i, f in enumerate(features):
-        gs = grads[i].stride() if grads is not None else f.stride()
-        rows.append((f.shape[2], f.shape[3], *f.stride(), *gs))
-    return _cached_meta(tuple(rows), tuple(float(v) for v in scales), compute_dtype(features[0].dtype),
-                        features[0].device)
+def _level_meta(features: Sequence[torch.Tensor], scales, acc_dtype: torch.dtype):
+    sizes = tuple((f.shape[2], f.shape[3]) for f in features)
+    if any(max(h, w) >= 2 ** 31 for h, w in sizes):  # the kernels hold H, W in int32 (offsets are int64)
+        raise InputError(f"roi_align: feature map sizes {sizes} must be below 2**31")
+    return _cached_meta(sizes, tuple(float(v) for v in scales), acc_dtype, features[0].device)
 
 
-def _launch_fwd(features, rois, levels, scales, ph, pw, sampling_ratio, aligned) -> torch.Tensor:
+def _common_meta(features, scales, ph, pw, sampling_ratio, aligned, acc_dtype):
+    hw, scales_t = _level_meta(features, scales, acc_dtype)
+    return hw, scales_t, dict(ALIGNED=aligned, NUM_LEVELS=len(features), MAX_GRID=MAX_GRID,
+                              SR2=sampling_ratio == 2, ACC=tl_compute_dtype(acc_dtype))
+
+
+def _grid(K: int, C: int, P: int, block: dict) -> tuple[int, int]:
+    # axis 0: the channel blocks of one RoI side by side (they read neighbouring bytes of the same texels)
+    return K * triton.cdiv(C, block["BLOCK_C"]), triton.cdiv(P, block["BLOCK_P"])
+
+
+def _launch_fwd(features, rois, levels, scales, ph, pw, sampling_ratio, aligned,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``out_dtype`` (default: the features') also sets the compute dtype: the mask targets pass uint8
+    masks with fp32/fp64 output."""
     x = features[0]
     K, C = rois.shape[0], x.shape[1]
-    out = torch.empty((K, C, ph, pw), dtype=x.dtype, device=x.device)
+    out_dtype = out_dtype or x.dtype
+    out = torch.empty((K, C, ph, pw), dtype=out_dtype, device=x.device)
     if K == 0 or C == 0:
         return out
-    meta, scales_t = _level_meta(features, None, scales)
-    cfg = _config.pick("roi_align_fwd", f"p{_block_p(ph, pw)}", get_configs(),
-                       default_config(_block_p(ph, pw), False, x.dtype == torch.float64))
+    cl = channels_last_layout(features)
+    features = _dense(features, cl)
+    hw, scales_t, const = _common_meta(features, scales, ph, pw, sampling_ratio, aligned, compute_dtype(out_dtype))
+    P = ph * pw
+    cfg = _config.pick("roi_align_fwd", _bucket(P, C), get_configs(),
+                       default_config(P, C, "fwd", features[0].element_size(), cl))
     block, opts = _config.launch_kwargs(cfg)
     ptrs = list(features) + [x] * (MAX_LEVELS - len(features))
-    grid = (K, triton.cdiv(C, block["BLOCK_C"]))
-    _roi_align_fwd_kernel[grid](*ptrs, meta, scales_t, rois, levels, out, x.shape[0], C, ph, pw,
-                                sampling_ratio, ALIGNED=aligned, NUM_LEVELS=len(features),
-                                MAX_GRID=MAX_GRID, CHANNELS_LAST=_channels_last(features),
-                                BLOCK_P=_block_p(ph, pw), ACC=tl_compute_dtype(x.dtype), **block, **opts)
+    _roi_align_fwd_kernel[_grid(K, C, P, block)](*ptrs, hw, scales_t, rois, levels, out, x.shape[0], C, ph, pw,
+                                                 sampling_ratio, CHANNELS_LAST=cl, BINS_FIRST=_bins_first(cl),
+                                                 **const, **block, **opts)
     return out
+
+
+def _grad_strides(grad: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """grad_output and its (RoI, channel, bin) strides: contiguous, channels_last, or made contiguous."""
+    K, C, ph, pw = grad.shape
+    if not grad.is_contiguous() and grad.is_contiguous(memory_format=torch.channels_last):
+        return grad, (C * ph * pw, 1, C)
+    grad = grad.contiguous()
+    return grad, (C * ph * pw, ph * pw, 1)
 
 
 def _launch_bwd(grad, features, rois, levels, scales, ph, pw, sampling_ratio, aligned,
@@ -307,24 +181,24 @@ def _launch_bwd(grad, features, rois, levels, scales, ph, pw, sampling_ratio, al
     x = features[0]
     K, C = rois.shape[0], x.shape[1]
     acc_dtype = torch.int64 if deterministic else compute_dtype(x.dtype)
-    # accumulators keep the features' layout (channels_last stays channels_last)
-    accs = [torch.zeros_like(f, dtype=acc_dtype) for f in features]
+    cl = channels_last_layout(features)
+    # accumulators in the kernels' dense layout (channels_last stays channels_last)
+    accs = [torch.zeros_like(f, dtype=acc_dtype) for f in _dense(features, cl)]
     fix = fixed_point_scale(grad, K * ph * pw) if deterministic else None
     if K > 0 and C > 0:
-        meta, scales_t = _level_meta(features, accs, scales)
-        cfg = _config.pick("roi_align_bwd_det" if deterministic else "roi_align_bwd",
-                           f"p{_block_p(ph, pw)}", get_configs(),
-                           default_config(_block_p(ph, pw), True, x.dtype == torch.float64))
+        hw, scales_t, const = _common_meta(features, scales, ph, pw, sampling_ratio, aligned,
+                                           compute_dtype(x.dtype))
+        P = ph * pw
+        cfg = _config.pick("roi_align_bwd_det" if deterministic else "roi_align_bwd", _bucket(P, C), get_configs(),
+                           default_config(P, C, "det" if deterministic else "bwd", x.element_size(), cl))
         block, opts = _config.launch_kwargs(cfg)
+        grad, g_strides = _grad_strides(grad)
         ptrs = accs + [accs[0]] * (MAX_LEVELS - len(accs))
-        grid = (K, triton.cdiv(C, block["BLOCK_C"]))
-        _roi_align_bwd_kernel[grid](*ptrs, meta, scales_t, rois, levels, grad,
-                                    fix if deterministic else scales_t, x.shape[0], C, ph, pw,
-                                    sampling_ratio, *grad.stride(), ALIGNED=aligned,
-                                    NUM_LEVELS=len(features), MAX_GRID=MAX_GRID,
-                                    CHANNELS_LAST=_channels_last(features + accs),
-                                    DETERMINISTIC=deterministic, BLOCK_P=_block_p(ph, pw),
-                                    ACC=tl_compute_dtype(x.dtype), **block, **opts)
+        _roi_align_bwd_kernel[_grid(K, C, P, block)](*ptrs, hw, scales_t, rois, levels, grad,
+                                                     fix if deterministic else scales_t, x.shape[0], C, ph, pw,
+                                                     sampling_ratio, *g_strides, CHANNELS_LAST=cl,
+                                                     BINS_FIRST=_bins_first(cl),
+                                                     DETERMINISTIC=deterministic, **const, **block, **opts)
     if deterministic:
         return [from_fixed_point(a, fix, f.dtype, grad) for a, f in zip(accs, features)]
     return [a if a.dtype == f.dtype else a.to(f.dtype) for a, f in zip(accs, features)]
@@ -369,7 +243,7 @@ def _roi_align_backward(grad: torch.Tensor, features: list[torch.Tensor], rois: 
 
 @_roi_align_backward.register_fake
 def _(grad, features, rois, levels, spatial_scales, pooled_h, pooled_w, sampling_ratio, aligned, deterministic):
-    return [torch.empty_like(f) for f in features]
+    return [torch.empty_like(f) for f in _dense(features, channels_last_layout(features))]
 
 
 def _setup_context(ctx, inputs, output):
@@ -446,43 +320,60 @@ def multiscale_roi_align(features: Sequence[torch.Tensor], rois, output_size, sp
                               int(sampling_ratio), bool(aligned), _deterministic(deterministic))
 
 
-def _spec(dtype: str, cfg: dict, levels: int, aligned: bool, block_p: int, det: bool | None, default: bool,
-          channels_last: bool):
+def _spec(dtype: str, cfg: dict, levels: int, aligned: bool, P: int, C: int, det: bool | None, default: bool,
+          channels_last: bool, sampling_ratio: int, grad_cl: bool = False, features: str | None = None):
+    """The launch of (dtype, tile, mode) as ``kernels._compile`` compiles it: ints equal to 1 (C, the unit
+    gradient stride) are constants, as the JIT makes them. ``features``: their dtype if not ``dtype``
+    (the mask targets read uint8 masks)."""
     t = TORCH_TO_TRITON[dtype]
+    t_in = {**TORCH_TO_TRITON, "uint8": "u8"}[features or dtype]
     block, opts = _config.launch_kwargs(cfg)
     acc_t = "fp64" if dtype == "float64" else "fp32"
-    const = dict(ALIGNED=aligned, NUM_LEVELS=levels, MAX_GRID=MAX_GRID, CHANNELS_LAST=channels_last,
-                 BLOCK_P=block_p, **block, ACC=tl_compute_dtype(getattr(torch, dtype)))
-    common = {"meta_ptr": "*i64", "scales_ptr": f"*{acc_t}", "rois_ptr": f"*{acc_t}", "levels_ptr": "*i32"}
+    const = dict(ALIGNED=aligned, NUM_LEVELS=levels, MAX_GRID=MAX_GRID, SR2=sampling_ratio == 2,
+                 CHANNELS_LAST=channels_last, BINS_FIRST=_bins_first(channels_last), **block,
+                 ACC=tl_compute_dtype(getattr(torch, dtype)))
+    if C == 1:
+        const["C"] = 1
+    common = {"hw_ptr": "*i32", "scales_ptr": f"*{acc_t}", "rois_ptr": f"*{acc_t}", "levels_ptr": "*i32"}
     dims = {"N": "i32", "C": "i32", "PH": "i32", "PW": "i32", "sampling_ratio": "i32"}
-    tag = (f"{dtype},L{levels},al{int(aligned)},cl{int(channels_last)},P{block_p},C{block['BLOCK_C']},"
-           f"w{opts['num_warps']}")
+    src = f"<-{features}" if features else ""
+    tag = (f"{dtype}{src},L{levels},al{int(aligned)},cl{int(channels_last)},sr{sampling_ratio},P{P},C{C},"
+           f"{block['BLOCK_P']}x{block['BLOCK_C']},w{opts['num_warps']}")
     if det is None:
-        sig = {**{f"x{i}": f"*{t}" for i in range(MAX_LEVELS)}, **common, "out_ptr": f"*{t}", **dims,
+        sig = {**{f"x{i}": f"*{t_in}" for i in range(MAX_LEVELS)}, **common, "out_ptr": f"*{t}", **dims,
                **{k: "constexpr" for k in const}}
         return CompileSpec(f"roi_align_fwd[{tag}]", _roi_align_fwd_kernel, sig, const, default=default, **opts)
     const["DETERMINISTIC"] = det
+    const.update({"sg_c": 1} if grad_cl else {"sg_p": 1})
     acc = "i64" if det else acc_t
     sig = {**{f"g{i}": f"*{acc}" for i in range(MAX_LEVELS)}, **common, "grad_ptr": f"*{t}",
-           "fix_scale_ptr": "*fp64" if det else "*fp32", **dims,
-           **{k: "i64" for k in ("sg_k", "sg_c", "sg_h", "sg_w")}, **{k: "constexpr" for k in const}}
+           "fix_scale_ptr": "*fp64" if det else f"*{acc_t}", **dims,
+           **{k: "i32" for k in ("sg_k", "sg_c", "sg_p")}, **{k: "constexpr" for k in const}}
     return CompileSpec(f"roi_align_bwd[det{int(det)},{tag}]", _roi_align_bwd_kernel, sig, const,
                        default=default, **opts)
 
 
+_MODES = {None: "fwd", False: "bwd", True: "det"}
+
+
 def compile_specs() -> list[CompileSpec]:
-    """Every config for 7x7 and 14x14 bins (bf16, 5 levels, channels_last) in every mode; the dtype and
-    level/alignment variants with the default configs. ``default`` marks the configs the heuristic uses."""
+    """Every tile for the box and mask heads (7x7 and 14x14 bins, bf16, 4 levels, channels_last,
+    sampling_ratio 2) in every mode; the mask targets (28x28, one channel, adaptive grid); dtype, layout and
+    level variants with the default tiles. ``default`` marks the tiles the heuristic uses."""
     specs = []
     for cfg in _CONFIGS:
-        for block_p in (64, 256):
+        for P in (49, 196):
             for det in (None, False, True):
-                used = cfg == default_config(block_p, det is not None)
-                specs.append(_spec("bfloat16", cfg, 5, False, block_p, det, default=used, channels_last=True))
-    for dtype, levels, aligned, channels_last in (("float32", 1, False, False), ("float16", 5, True, False),
-                                                  ("float64", 1, False, False)):
+                used = cfg == default_config(P, 256, _MODES[det], 2)
+                specs.append(_spec("bfloat16", cfg, 4, False, P, 256, det, used, True, 2))
+    for dtype in ("float32", "float64"):
+        specs.append(_spec(dtype, default_config(784, 1, "fwd", 1), 1, False, 784, 1, None, True, False, -1,
+                           features="uint8"))
+    for dtype, levels, aligned, cl, sr in (("float32", 1, False, False, -1), ("float16", 5, True, False, 2),
+                                           ("float32", 4, False, True, 2), ("float64", 1, False, False, -1)):
         for det in (None, False, True):
-            cfg = default_config(64, det is not None, dtype == "float64")
-            specs.append(_spec(dtype, cfg, levels, aligned, 64, det, default=True,
-                               channels_last=channels_last))
+            cfg = default_config(49, 256, _MODES[det], getattr(torch, dtype).itemsize, cl)
+            specs.append(_spec(dtype, cfg, levels, aligned, 49, 256, det, True, cl, sr))
+    specs.append(_spec("bfloat16", default_config(196, 256, "bwd", 2), 4, False, 196, 256, False, True, True, 2,
+                       grad_cl=True))
     return specs

@@ -47,6 +47,18 @@ def test_float64_boxes_match_torchvision(impl, mask_dtype):
     torch.testing.assert_close(ours, ref, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float16, torch.int32])
+def test_mask_dtypes_read_as_they_are(impl, mask_dtype):
+    """bool / fp16 masks are read by the kernel without a float copy, other dtypes are converted first:
+    the targets equal torchvision's (which converts every dtype to the boxes' dtype)."""
+    masks, boxes, matched = make_case(4, 2, 23, 19, seed=13)
+    masks = masks.to(mask_dtype)
+    with kernels.use_backend(impl):
+        ours = project_masks_on_boxes(masks, boxes, matched, 28)
+    torch.testing.assert_close(ours, tv_project(masks, boxes, matched, 28), atol=1e-6, rtol=1e-6)
+
+
 def test_float_masks_and_empty():
     masks, boxes, matched = make_case(5, 2, 17, 19, seed=3)
     torch.testing.assert_close(project_masks_on_boxes(masks.float(), boxes, matched, 7),
@@ -212,3 +224,9 @@ def test_opcheck_targets_from_gt():
     t = mask_targets_from_gt(masks, boxes, matched)
     torch.library.opcheck(torch.ops.maskrcnn_fast.sigmoid_bce_mask_loss.default,
                           (logits, torch.tensor([0, 1, 1]), *t, None, True))
+
+
+def test_opcheck_project_masks():
+    masks, boxes, matched = make_case(3, 2, 11, 13, seed=14)
+    rois = torch.cat([matched.float()[:, None], boxes], 1)
+    torch.library.opcheck(torch.ops.maskrcnn_fast.project_masks_on_boxes.default, (masks, rois, 7))

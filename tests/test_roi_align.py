@@ -1,4 +1,6 @@
 """RoIAlign, multi-level RoIAlign and RoIPool against torchvision (Triton interpreter on CPU)."""
+import importlib
+import itertools
 from collections import OrderedDict
 
 import pytest
@@ -60,16 +62,21 @@ def test_roi_align_non_contiguous_input_and_boxes_list():
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("bins_first", [False, True])  # NCHW tile orientation (chosen per triton version)
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("sampling_ratio", [-1, 2])
-def test_roi_align_backward_matches_torchvision(aligned, sampling_ratio):
+def test_roi_align_backward_matches_torchvision(aligned, sampling_ratio, bins_first, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("kernels.roi_align"), "_bins_first", lambda cl: cl or bins_first)
     x = torch.randn(2, 7, 11, 13, dtype=torch.float64).float()
     boxes = make_boxes(9, 2, 11, 13, 0.5, seed=2)
     grad = torch.randn(9, 7, 5, 3)
     ours_x = x.clone().requires_grad_()
-    roi_align(ours_x, boxes, (5, 3), 0.5, sampling_ratio, aligned, deterministic=False).backward(grad)
+    ours = roi_align(ours_x, boxes, (5, 3), 0.5, sampling_ratio, aligned, deterministic=False)
+    ours.backward(grad)
     ref_x = x.clone().requires_grad_()
-    torchvision.ops.roi_align(ref_x, boxes, (5, 3), 0.5, sampling_ratio, aligned).backward(grad)
+    ref = torchvision.ops.roi_align(ref_x, boxes, (5, 3), 0.5, sampling_ratio, aligned)
+    ref.backward(grad)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours_x.grad, ref_x.grad, atol=1e-5, rtol=1e-5)
     assert ref_x.grad.abs().sum() > 0
 
@@ -228,6 +235,54 @@ def test_bad_inputs_raise_clearly():
         roi_align(x[0], good, 2)
     with pytest.raises(ValueError, match="scales"):
         multiscale_roi_align([x, x[:, :, :4, :4]], good, 2, [0.25])
+
+
+# ---- launch paths: tiles, layouts and strides the kernels specialize on ----------------------------
+@pytest.mark.parametrize("C", [1, 3, 16, 33, 256])
+@pytest.mark.parametrize("size", [(7, 7), (14, 14), (28, 28), (5, 3)])
+def test_default_tile_fits_its_budget(C, size):
+    """Never an oversized tile (the spill-free budget), whatever P: one channel gets the one-channel tile."""
+    from kernels.roi_align import _CONFIGS, default_config, tile_budget
+    for mode, itemsize, cl in itertools.product(("fwd", "bwd", "det"), (1, 2, 4, 8), (False, True)):
+        cfg = default_config(size[0] * size[1], C, mode, itemsize, cl)
+        assert cfg in _CONFIGS
+        assert cfg["BLOCK_P"] * cfg["BLOCK_C"] <= tile_budget(mode, itemsize, cfg["num_warps"], cl)
+        assert cfg["BLOCK_C"] == 1 if C == 1 else cfg["BLOCK_C"] >= 16
+
+
+@pytest.mark.parametrize("sampling_ratio", [2, 3, -1])
+@pytest.mark.parametrize("grad_layout", ["contiguous", "channels_last", "strided"])
+def test_bins_and_channels_in_several_blocks_with_any_grad_layout(sampling_ratio, grad_layout):
+    """14x14 bins (several bin blocks), 37 channels (a partial channel block), channels_last features
+    sliced out of a wider tensor (made dense), and grad_output in three layouts."""
+    wide = torch.randn(2, 40, 12, 10).to(memory_format=torch.channels_last)
+    x = wide[:, :37]
+    assert x.stride(1) == 1 and not x.is_contiguous(memory_format=torch.channels_last)
+    boxes = make_boxes(6, 2, 12, 10, 0.5, seed=7)
+    grad = torch.randn(6, 37, 14, 14)
+    if grad_layout == "channels_last":
+        grad = grad.to(memory_format=torch.channels_last)
+    elif grad_layout == "strided":
+        grad = torch.randn(6, 37, 14, 28)[..., ::2]
+    ours_x = x.clone().requires_grad_()
+    ours = roi_align(ours_x, boxes, 14, 0.5, sampling_ratio, False, deterministic=False)
+    ours.backward(grad)
+    ref_x = x.contiguous().requires_grad_()
+    ref = torchvision.ops.roi_align(ref_x, boxes, 14, 0.5, sampling_ratio, False)
+    ref.backward(grad)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours_x.grad, ref_x.grad, atol=1e-5, rtol=1e-5)
+    assert ref_x.grad.abs().sum() > 0
+
+
+def test_empty_feature_map_stays_in_bounds():
+    """A 0-pixel-high level: every sample is invalid (output and gradient 0), nothing is read."""
+    x = torch.randn(1, 4, 0, 6, requires_grad=True)
+    boxes = torch.tensor([[0, 0.0, 0.0, 3.0, 3.0], [0, -1.0, -0.5, 0.5, 0.2]])
+    out = roi_align(x, boxes, 2, 1.0, -1, True)
+    assert out.shape == (2, 4, 2, 2) and not out.any()
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert grad.shape == x.shape
 
 
 # ---- drop-in conformance: what torchvision's own operator tests check, in our words ----------------
