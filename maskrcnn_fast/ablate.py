@@ -200,6 +200,7 @@ def ablate(base: TrainConfig, only: list[str] | None = None, seeds: int = 3) -> 
     plan = [(name, switches, base.seed + k) for name, switches in selected(only) for k in range(seeds)]
     runs: dict[str, list[dict]] = {}
     status = ["pending"] * len(plan)
+    table = ""
     started = time.time()
 
     def progress(i_now: int | None) -> None:
@@ -232,8 +233,8 @@ def ablate(base: TrainConfig, only: list[str] | None = None, seeds: int = 3) -> 
         runs.setdefault(name, []).append(result)
         status[i] = f"done: mask AP {100 * metrics['segm']['AP']:.1f}, box AP {100 * metrics['bbox']['AP']:.1f}"
         progress(None)
+        table = write_report(base.out, summarize(runs), base, seeds)  # partial results stay readable
     rows = summarize(runs)
-    table = write_report(base.out, rows, base, seeds)
     print(table)
     return rows
 
