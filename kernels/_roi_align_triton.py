@@ -224,7 +224,8 @@ def _roi_align_fwd_kernel(
         for ix in range(0, grid_w):
             acc += _gather4(base, r_lo, r_hi, vy, hy, ly, start_w, pw, bin_w, ix, grid_w, W, s_w, mask,
                             BINS_FIRST, ACC)
-    out_offs = _chans((k * C + c) * (PH * PW), BINS_FIRST) + _bins(p, BINS_FIRST)
+    out_offs = _chans(c.to(tl.int64) * (PH * PW), BINS_FIRST) + _bins(p, BINS_FIRST)
+    out_ptr += k * C * (PH * PW)
     tl.store(out_ptr + out_offs, (acc * inv_count).to(out_ptr.dtype.element_ty), mask=mask)
 
 

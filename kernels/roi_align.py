@@ -39,7 +39,6 @@ import triton
 
 from kernels import _compat, _config
 from kernels._backend import InputError, backend_for, compute_dtype, no_autocast
-from kernels._compile import TORCH_TO_TRITON, CompileSpec
 from kernels._roi_align_torch import _torch_roi_align, _torch_roi_align_bwd
 from kernels._roi_align_triton import _roi_align_bwd_kernel, _roi_align_fwd_kernel
 from kernels._roi_common import (MAX_GRID, check_rois, fixed_point_scale, from_fixed_point, pair,
@@ -276,8 +275,9 @@ def roi_align(input: torch.Tensor, boxes, output_size, spatial_scale: float = 1.
 
     ``boxes`` is ``Tensor[K,5]`` (batch index, x1, y1, x2, y2) or a list of ``Tensor[L,4]``, of any float
     dtype; the maths is fp32 (fp64 for fp64 input). ``deterministic`` (default:
-    ``torch.are_deterministic_algorithms_enabled()``) selects the bitwise-reproducible backward. Defined behaviour: boxes outside the map are sampled
-    as torchvision does (zeros beyond one pixel); boxes with NaN coordinates give zeros.
+    ``torch.are_deterministic_algorithms_enabled()``) selects the bitwise-reproducible backward. Defined
+    behaviour: boxes outside the map are sampled as torchvision does (zeros beyond one pixel); boxes with
+    NaN coordinates give zeros; a map with no rows or columns gives zeros.
     """
     ph, pw = pair(output_size)
     rois = rois_from_boxes(boxes, input)
@@ -318,62 +318,3 @@ def multiscale_roi_align(features: Sequence[torch.Tensor], rois, output_size, sp
     levels = _levels_for(rois, spatial_scales, canonical_scale, canonical_level)
     return _roi_align_forward(features, rois, levels, [float(s) for s in spatial_scales], ph, pw,
                               int(sampling_ratio), bool(aligned), _deterministic(deterministic))
-
-
-def _spec(dtype: str, cfg: dict, levels: int, aligned: bool, P: int, C: int, det: bool | None, default: bool,
-          channels_last: bool, sampling_ratio: int, grad_cl: bool = False, features: str | None = None):
-    """The launch of (dtype, tile, mode) as ``kernels._compile`` compiles it: ints equal to 1 (C, the unit
-    gradient stride) are constants, as the JIT makes them. ``features``: their dtype if not ``dtype``
-    (the mask targets read uint8 masks)."""
-    t = TORCH_TO_TRITON[dtype]
-    t_in = {**TORCH_TO_TRITON, "uint8": "u8"}[features or dtype]
-    block, opts = _config.launch_kwargs(cfg)
-    acc_t = "fp64" if dtype == "float64" else "fp32"
-    const = dict(ALIGNED=aligned, NUM_LEVELS=levels, MAX_GRID=MAX_GRID, SR2=sampling_ratio == 2,
-                 CHANNELS_LAST=channels_last, BINS_FIRST=_bins_first(channels_last), **block,
-                 ACC=tl_compute_dtype(getattr(torch, dtype)))
-    if C == 1:
-        const["C"] = 1
-    common = {"hw_ptr": "*i32", "scales_ptr": f"*{acc_t}", "rois_ptr": f"*{acc_t}", "levels_ptr": "*i32"}
-    dims = {"N": "i32", "C": "i32", "PH": "i32", "PW": "i32", "sampling_ratio": "i32"}
-    src = f"<-{features}" if features else ""
-    tag = (f"{dtype}{src},L{levels},al{int(aligned)},cl{int(channels_last)},sr{sampling_ratio},P{P},C{C},"
-           f"{block['BLOCK_P']}x{block['BLOCK_C']},w{opts['num_warps']}")
-    if det is None:
-        sig = {**{f"x{i}": f"*{t_in}" for i in range(MAX_LEVELS)}, **common, "out_ptr": f"*{t}", **dims,
-               **{k: "constexpr" for k in const}}
-        return CompileSpec(f"roi_align_fwd[{tag}]", _roi_align_fwd_kernel, sig, const, default=default, **opts)
-    const["DETERMINISTIC"] = det
-    const.update({"sg_c": 1} if grad_cl else {"sg_p": 1})
-    acc = "i64" if det else acc_t
-    sig = {**{f"g{i}": f"*{acc}" for i in range(MAX_LEVELS)}, **common, "grad_ptr": f"*{t}",
-           "fix_scale_ptr": "*fp64" if det else f"*{acc_t}", **dims,
-           **{k: "i32" for k in ("sg_k", "sg_c", "sg_p")}, **{k: "constexpr" for k in const}}
-    return CompileSpec(f"roi_align_bwd[det{int(det)},{tag}]", _roi_align_bwd_kernel, sig, const,
-                       default=default, **opts)
-
-
-_MODES = {None: "fwd", False: "bwd", True: "det"}
-
-
-def compile_specs() -> list[CompileSpec]:
-    """Every tile for the box and mask heads (7x7 and 14x14 bins, bf16, 4 levels, channels_last,
-    sampling_ratio 2) in every mode; the mask targets (28x28, one channel, adaptive grid); dtype, layout and
-    level variants with the default tiles. ``default`` marks the tiles the heuristic uses."""
-    specs = []
-    for cfg in _CONFIGS:
-        for P in (49, 196):
-            for det in (None, False, True):
-                used = cfg == default_config(P, 256, _MODES[det], 2)
-                specs.append(_spec("bfloat16", cfg, 4, False, P, 256, det, used, True, 2))
-    for dtype in ("float32", "float64"):
-        specs.append(_spec(dtype, default_config(784, 1, "fwd", 1), 1, False, 784, 1, None, True, False, -1,
-                           features="uint8"))
-    for dtype, levels, aligned, cl, sr in (("float32", 1, False, False, -1), ("float16", 5, True, False, 2),
-                                           ("float32", 4, False, True, 2), ("float64", 1, False, False, -1)):
-        for det in (None, False, True):
-            cfg = default_config(49, 256, _MODES[det], getattr(torch, dtype).itemsize, cl)
-            specs.append(_spec(dtype, cfg, levels, aligned, 49, 256, det, True, cl, sr))
-    specs.append(_spec("bfloat16", default_config(196, 256, "bwd", 2), 4, False, 196, 256, False, True, True, 2,
-                       grad_cl=True))
-    return specs

@@ -23,7 +23,6 @@ import triton.language as tl
 
 from kernels import _config
 from kernels._backend import backend_for, compute_dtype, no_autocast
-from kernels._compile import TORCH_TO_TRITON, CompileSpec
 from kernels._roi_common import (check_rois, fixed_point_scale, from_fixed_point, pair, rois_from_boxes,
                                  tl_compute_dtype)
 
@@ -314,33 +313,3 @@ def roi_pool(input: torch.Tensor, boxes, output_size, spatial_scale: float = 1.0
     check_rois([input], rois, "roi_pool")
     det = torch.are_deterministic_algorithms_enabled() if deterministic is None else bool(deterministic)
     return _roi_pool_forward(input, rois, ph, pw, float(spatial_scale), det)[0]
-
-
-def compile_specs() -> list[CompileSpec]:
-    specs = []
-    for i, cfg in enumerate(_CONFIGS):
-        block, opts = _config.launch_kwargs(cfg)
-        for dtype in ("float32", "float16", "bfloat16", "float64") if i == 0 else ("bfloat16",):
-            t = TORCH_TO_TRITON[dtype]
-            acc_t = "fp64" if dtype == "float64" else "fp32"
-            acc = tl_compute_dtype(getattr(torch, dtype))
-            for block_p in (64, 256) if dtype == "bfloat16" else (64,):
-                const = dict(BIG=_BIG, BLOCK_P=block_p, **block, ACC=acc)
-                sig = {"x_ptr": f"*{t}", "rois_ptr": f"*{acc_t}", "out_ptr": f"*{t}", "argmax_ptr": "*i32",
-                       **{k: "i32" for k in ("N", "C", "H", "W", "PH", "PW")}, "spatial_scale": "fp32",
-                       **{k: "i64" for k in ("s_n", "s_c", "s_h", "s_w")}, **{k: "constexpr" for k in const}}
-                tag = f"{dtype},P{block_p},C{block['BLOCK_C']},w{opts['num_warps']}"
-                used = cfg == default_config(block_p)
-                specs.append(CompileSpec(f"roi_pool_fwd[{tag}]", _roi_pool_fwd_kernel, sig, const,
-                                         default=used, **opts))
-                used_bwd = cfg == default_config(block_p, backward=True)
-                for det in (False, True):
-                    bconst = dict(DETERMINISTIC=det, BLOCK_P=block_p, **block, ACC=acc)
-                    bsig = {"acc_ptr": "*i64" if det else f"*{acc_t}", "rois_ptr": f"*{acc_t}", "grad_ptr": f"*{t}",
-                            "argmax_ptr": "*i32", "fix_scale_ptr": "*fp64" if det else f"*{t}",
-                            **{k: "i32" for k in ("N", "C", "HW", "PH", "PW")},
-                            **{k: "i64" for k in ("sg_k", "sg_c", "sg_h", "sg_w")},
-                            **{k: "constexpr" for k in bconst}}
-                    specs.append(CompileSpec(f"roi_pool_bwd[det{int(det)},{tag}]", _roi_pool_bwd_kernel, bsig,
-                                             bconst, default=used_bwd, **opts))
-    return specs
