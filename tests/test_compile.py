@@ -53,8 +53,8 @@ def _jit_kernels() -> set[str]:
 
 def _show(r) -> str:
     g = r.get("global_access", {})
-    return (f"{r['name']} sm_{r['cc']}: regs {r.get('regs')}, local {r.get('spill_bytes')} B, loads {g.get('load')}, "
-            f"stores {g.get('store')}, atomics {g.get('atomic')} (bits: count)")
+    return (f"{r['name']} sm_{r['cc']} ({r['case']}): regs {r.get('regs')}, local {r.get('spill_bytes')} B, "
+            f"loads {g.get('load')}, stores {g.get('store')}, atomics {g.get('atomic')} (bits: count)")
 
 
 def _check(rows, want, what):
