@@ -429,6 +429,55 @@ def test_fused_predictor_bad_inputs():
         mask_predictor_loss(features, weight, bias, labels, targets.long())
 
 
+def relayout(t, layout):
+    """``t`` [R, C, M, M] with the same values in another memory layout."""
+    if layout == "channels_last":  # flat planes of stride C: the kernels read along channels
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "hw_transposed":  # planes not flat (stride(H) = 1): the launchers copy
+        return t.transpose(2, 3).contiguous().transpose(2, 3)
+    if layout == "channel_slice":  # flat planes, not dense: every other channel of a wider tensor
+        return torch.stack([t, torch.full_like(t, float("nan"))], 2).flatten(1, 2)[:, ::2]
+    return t
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("layout", ["channels_last", "hw_transposed", "channel_slice"])
+def test_memory_layouts(impl, layout):
+    """Logits and features in NCHW's alternatives give the contiguous results; dF comes back in the
+    features' layout when it is channels_last (and contiguous otherwise)."""
+    logits, labels, targets = make_inputs(4, 3, 7, seed=28)
+    x = relayout(logits, layout).requires_grad_()
+    assert torch.equal(x, logits)
+    features, weight, bias, plabels, ptargets = make_predictor(4, 6, 3, 7, seed=29)
+    f = relayout(features, layout).requires_grad_()
+    with backend(impl):
+        loss = sigmoid_bce_mask_loss(x, labels, relayout(targets[:, None], layout)[:, 0])
+        (dx,) = torch.autograd.grad(loss, x)
+        ploss = mask_predictor_loss(f, weight, bias, plabels, ptargets)
+        (df,) = torch.autograd.grad(ploss, f)
+        logit = class_mask_logits(f, weight, bias, plabels)
+    ref_loss, ref_dx = reference_loss(logits, labels, targets)
+    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-6, rtol=1e-6)
+    check_grad(dx, ref_dx, torch.float32)
+    ref_ploss, ref_df, _, _ = reference_predictor(features, weight, bias, plabels, ptargets)
+    torch.testing.assert_close(ploss.double(), ref_ploss, atol=1e-5, rtol=1e-5)
+    check_grad(df, ref_df, torch.float32)
+    assert df.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else
+                            torch.contiguous_format)
+    ref_logit = F.conv2d(features.double(), weight.double(), bias.double())[torch.arange(4), plabels]
+    torch.testing.assert_close(logit.double(), ref_logit, atol=1e-5 * float(ref_logit.abs().max()), rtol=0)
+
+
+def test_roi_span_beyond_int32_is_refused():
+    """The kernels address inside one RoI with 32-bit offsets: a larger RoI raises instead of wrapping."""
+    features = torch.empty((2, 3, 4, 4), device="meta").as_strided((2, 3, 4, 4), (2 ** 32, 2 ** 30, 4, 1))
+    _, weight, bias, labels, _ = make_predictor(2, 3, 2, 4, seed=30)
+    for call in (lambda: mask_predictor_loss(features, weight, bias, labels, torch.rand(2, 4, 4)),
+                 lambda: class_mask_logits(features, weight, bias, labels)):
+        with pytest.raises(InputError, match="2\\*\\*31"):
+            call()
+
+
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_class_mask_logits_match_conv(impl, dtype):
@@ -455,6 +504,9 @@ def test_opcheck(dtype):
         (ops.mask_predictor_loss.default, (features.requires_grad_(), w2.clone().requires_grad_(),
                                            bias.requires_grad_(), plabels, ptargets, None, None, None, True)),
         (ops.class_mask_logits.default, (features.detach(), w2, bias.detach(), plabels)),
+        # channels_last features: dF in their layout, in the fake as in both backends
+        (ops.mask_predictor_loss.default, (relayout(features.detach(), "channels_last").requires_grad_(), w2,
+                                           bias, plabels, ptargets, None, None, None, True)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
@@ -482,14 +534,15 @@ def test_torch_compile_fullgraph_matches_eager():
 @pytest.mark.parametrize("config_index", range(4))
 def test_every_launch_config(monkeypatch, config_index):
     """Each tuned config (some split an RoI's 784 pixels over several programs) gives the same result."""
-    from kernels import _config, mask_loss
+    from kernels import _config, mask_loss, mask_predictor
 
-    def pick(op, bucket, configs):
+    def pick(op, bucket, configs, default=None):
         return configs[config_index % len(configs)]
 
     monkeypatch.setattr(_config, "pick", pick)
     monkeypatch.setattr(mask_loss, "get_configs", lambda kind="loss": list(
         mask_loss._LOSS_CONFIGS if kind == "loss" else mask_loss._PREDICTOR_CONFIGS))
+    monkeypatch.setattr(mask_predictor, "get_configs", lambda: list(mask_predictor._PREDICTOR_CONFIGS))
     logits, labels, targets = make_inputs(3, 2, 28, seed=18)
     labels = torch.stack([labels, labels], 1).reshape(-1)[::2]  # non-contiguous labels
     x = logits.clone().requires_grad_()
