@@ -71,6 +71,12 @@ from kernels._compile import TORCH_TO_TRITON, CompileSpec
 WORD = 64
 
 
+def _tv_nms(boxes, scores, iou_threshold):
+    """torchvision's compiled CPU nms, called as an op: a user who sets ``torchvision.ops.nms = kernels.nms``
+    (to port code) must not send our CPU backend back into itself."""
+    return torch.ops.torchvision.nms(boxes, scores, iou_threshold)
+
+
 @triton.jit
 def _div_rn(a, b):
     """a / b correctly rounded: fp32 '/' compiles to div.full.f32 (up to 2 ulp off); fp64 '/' is div.rn.f64."""
@@ -188,18 +194,20 @@ def _nms_reduce_kernel(
     tl.store(count_ptr + b, tl.minimum(count, max_output).to(tl.int64))
 
 
-# The mask kernel's tile is always 64 x 64; ROWS rows of it are computed at a time. Registers (sm_90, fp32
-# boxes with class ids / bf16): ROWS=32 at 8 warps 80 / 94; ROWS=64 at 8 warps 127 / 128; at 4 warps 255.
+# The mask kernel's tile is always 64 x 64; ROWS rows of it are computed at a time, by num_warps warps.
+# The reduction runs REDUCE_WARPS warps (one program per image). Registers at [0], sm_80 / sm_90: mask kernel
+# 92-95 / 80-94 (fp32 or bf16 boxes), reduce 63 / 64; no local memory in any entry. (ROWS=64 at 4 warps
+# takes 255; the reduce at 8 warps with BLOCK_W=64 spills 8 bytes on sm_80.)
 _CONFIGS = [
-    {"ROWS": 32, "BLOCK_W": 64, "num_warps": 8, "num_stages": 1},
-    {"ROWS": 16, "BLOCK_W": 64, "num_warps": 4, "num_stages": 1},
-    {"ROWS": 64, "BLOCK_W": 64, "num_warps": 8, "num_stages": 1},
-    {"ROWS": 32, "BLOCK_W": 32, "num_warps": 4, "num_stages": 1},
+    {"ROWS": 32, "BLOCK_W": 64, "REDUCE_WARPS": 16, "num_warps": 8, "num_stages": 1},
+    {"ROWS": 16, "BLOCK_W": 64, "REDUCE_WARPS": 16, "num_warps": 4, "num_stages": 1},
+    {"ROWS": 64, "BLOCK_W": 32, "REDUCE_WARPS": 8, "num_warps": 8, "num_stages": 1},
+    {"ROWS": 32, "BLOCK_W": 128, "REDUCE_WARPS": 16, "num_warps": 4, "num_stages": 1},
 ]
 
 
-# fp64 boxes: 16-row slices (89 registers at 8 warps; 32-row slices take 141); reduce as _CONFIGS[0]
-_F64_CONFIG = {"ROWS": 16, "BLOCK_W": 64, "num_warps": 8, "num_stages": 1}
+# fp64 boxes: 16-row slices (sm_90 89 registers, sm_80 110; 32-row slices take 141 on sm_90); reduce as [0]
+_F64_CONFIG = {"ROWS": 16, "BLOCK_W": 64, "REDUCE_WARPS": 16, "num_warps": 8, "num_stages": 1}
 
 
 def get_configs() -> list[dict]:
@@ -274,7 +282,7 @@ def _launch(boxes, cls, n_valid, iou_threshold, max_output):
         boxes, cls if cls is not None else n_valid32, n_valid32, mask, N, W, NP, float(iou_threshold),
         HAS_CLASSES=cls is not None, ROWS=meta["ROWS"], enable_fp_fusion=False, **opts)
     _nms_reduce_kernel[(B,)](mask, n_valid32, removed, keep, count, W, NP, max_output,
-                             BLOCK_W=meta["BLOCK_W"], **opts)
+                             BLOCK_W=meta["BLOCK_W"], num_warps=meta["REDUCE_WARPS"], num_stages=1)
     return keep, count
 
 
@@ -325,12 +333,12 @@ def _torch_nms_image(boxes, cls, live, iou_threshold):
     bx = torch.where(live[:, None], boxes.to(dtype), float("nan"))
     stand_in = -torch.arange(N, device=boxes.device, dtype=dtype)  # strictly decreasing: our order
     if cls is None:
-        return torchvision.ops.nms(bx, stand_in, iou_threshold)
+        return _tv_nms(bx, stand_in, iou_threshold)
     if strips:
-        return torchvision.ops.nms(_separate_classes(bx[None], cls[None])[0], stand_in, iou_threshold)
+        return _tv_nms(_separate_classes(bx[None], cls[None])[0], stand_in, iou_threshold)
     by_class = torch.sort(cls, stable=True).indices  # positions grouped by class, score order inside
     counts = torch.unique_consecutive(cls[by_class], return_counts=True)[1].tolist()
-    kept = [seg[torchvision.ops.nms(bx[seg], stand_in[seg], iou_threshold)]
+    kept = [seg[_tv_nms(bx[seg], stand_in[seg], iou_threshold)]
             for seg in torch.split(by_class, counts)]
     return torch.cat(kept).sort().values
 
@@ -413,7 +421,7 @@ def _torch_nms_flat_common_case(boxes, scores, idxs, iou_threshold):
         return None
     if idxs is None:
         dtype = compute_dtype(boxes.dtype)
-        return torchvision.ops.nms(boxes.to(dtype), scores.to(dtype), iou_threshold)
+        return _tv_nms(boxes.to(dtype), scores.to(dtype), iou_threshold)
     N = boxes.shape[0]
     if N > PER_CLASS_ABOVE or boxes.dtype == torch.float64:
         return None  # per-class calls (large N); fp64 coordinates could round when shifted
@@ -422,7 +430,7 @@ def _torch_nms_flat_common_case(boxes, scores, idxs, iou_threshold):
     if id_hi - id_lo > PER_CLASS_ABOVE:
         return None  # sparse ids: the general path ranks them densely
     shift = (idxs - id_lo).to(torch.float64) * (2 * (hi - lo) + 1)  # ids subtracted exactly, as ints
-    return torchvision.ops.nms(boxes.to(torch.float64) + shift[:, None], scores.to(torch.float64), iou_threshold)
+    return _tv_nms(boxes.to(torch.float64) + shift[:, None], scores.to(torch.float64), iou_threshold)
 
 
 def _batched_nms_impl(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor | None,
@@ -517,7 +525,7 @@ def compile_specs() -> list[CompileSpec]:
         const = {"BLOCK_W": meta["BLOCK_W"]}
         sig = {"mask_ptr": "*i64", "nvalid_ptr": "*i32", "removed_ptr": "*i64", "keep_ptr": "*i64",
                "count_ptr": "*i64", "W": "i32", "NP": "i32", "max_output": "i32", "BLOCK_W": "constexpr"}
-        specs.append(CompileSpec(f"nms_reduce[W{meta['BLOCK_W']},w{opts['num_warps']}]", _nms_reduce_kernel,
-                                 sig, const, default=i == 0, **opts))
+        specs.append(CompileSpec(f"nms_reduce[W{meta['BLOCK_W']},w{meta['REDUCE_WARPS']}]", _nms_reduce_kernel,
+                                 sig, const, default=i == 0, num_warps=meta["REDUCE_WARPS"], num_stages=1))
     specs += mask_specs(_F64_CONFIG, ("float64",), default=True)  # its reduce kernel is _CONFIGS[0]'s
     return specs
