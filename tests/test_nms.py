@@ -477,3 +477,15 @@ def test_flat_drop_in_cpu_paths_equal_kernels(ids, special):
     assert torch.equal(out["torch"][0], out["triton"][0])
     assert torch.equal(out["torch"][1], out["triton"][1])
     assert len(out["torch"][0]) < 300 and len(out["torch"][1]) < len(out["torch"][0])
+
+
+def test_cpu_backend_survives_torchvision_nms_patched_to_ours(monkeypatch):
+    """Porting code by `torchvision.ops.nms = kernels.nms` must not make our CPU backend call itself."""
+    boxes, scores = clustered_boxes(65, seed=2)
+    ref = torchvision.ops.nms(boxes, scores, 0.5)
+    idxs = torch.arange(65) % 3
+    ref_batched = torchvision.ops.batched_nms(boxes, scores, idxs, 0.5)
+    monkeypatch.setattr(torchvision.ops, "nms", nms)
+    with kernels.use_backend("torch"):
+        assert torch.equal(nms(boxes, scores, 0.5), ref)
+        assert torch.equal(batched_nms(boxes, scores, idxs, 0.5), ref_batched)
