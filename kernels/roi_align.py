@@ -66,8 +66,11 @@ _CONFIGS = [
 ]
 
 
-def get_configs() -> list[dict]:
-    return _config.collapse(_CONFIGS)
+def get_configs(mode: str = "fwd", itemsize: int = 2, channels_last: bool = True) -> list[dict]:
+    """The tiles a launch in ``mode`` may use (a tuned file's choice among them): those within
+    :func:`tile_budget`, so no tuned tile spills either (e.g. a 16-value deterministic tile spilled 464 B)."""
+    return _config.collapse([c for c in _CONFIGS if c["BLOCK_P"] * c["BLOCK_C"]
+                             <= tile_budget(mode, itemsize, c["num_warps"], channels_last)])
 
 
 def tile_budget(mode: str, itemsize: int, num_warps: int, channels_last: bool = True) -> int:
@@ -156,8 +159,8 @@ def _launch_fwd(features, rois, levels, scales, ph, pw, sampling_ratio, aligned,
     features = _dense(features, cl)
     hw, scales_t, const = _common_meta(features, scales, ph, pw, sampling_ratio, aligned, compute_dtype(out_dtype))
     P = ph * pw
-    cfg = _config.pick("roi_align_fwd", _bucket(P, C), get_configs(),
-                       default_config(P, C, "fwd", features[0].element_size(), cl))
+    e = features[0].element_size()
+    cfg = _config.pick("roi_align_fwd", _bucket(P, C), get_configs("fwd", e, cl), default_config(P, C, "fwd", e, cl))
     block, opts = _config.launch_kwargs(cfg)
     ptrs = list(features) + [x] * (MAX_LEVELS - len(features))
     _roi_align_fwd_kernel[_grid(K, C, P, block)](*ptrs, hw, scales_t, rois, levels, out, x.shape[0], C, ph, pw,
@@ -188,8 +191,9 @@ def _launch_bwd(grad, features, rois, levels, scales, ph, pw, sampling_ratio, al
         hw, scales_t, const = _common_meta(features, scales, ph, pw, sampling_ratio, aligned,
                                            compute_dtype(x.dtype))
         P = ph * pw
-        cfg = _config.pick("roi_align_bwd_det" if deterministic else "roi_align_bwd", _bucket(P, C), get_configs(),
-                           default_config(P, C, "det" if deterministic else "bwd", x.element_size(), cl))
+        mode, e = "det" if deterministic else "bwd", x.element_size()
+        cfg = _config.pick("roi_align_bwd_det" if deterministic else "roi_align_bwd", _bucket(P, C),
+                           get_configs(mode, e, cl), default_config(P, C, mode, e, cl))
         block, opts = _config.launch_kwargs(cfg)
         grad, g_strides = _grad_strides(grad)
         ptrs = accs + [accs[0]] * (MAX_LEVELS - len(accs))
