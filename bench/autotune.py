@@ -82,8 +82,8 @@ def forced(op: str, config: dict):
 
     original = _config.pick
 
-    def pick(name, bucket, configs):
-        return config if name == op else configs[0]
+    def pick(name, bucket, configs, default=None):  # the signature of _config.pick
+        return config if name == op else (default if default is not None else configs[0])
     _config.pick = pick
     try:
         yield

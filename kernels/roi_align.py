@@ -119,7 +119,9 @@ def _dense(features: Sequence[torch.Tensor], channels_last: bool) -> list[torch.
     return [f.contiguous(memory_format=fmt) for f in features]
 
 
-@functools.lru_cache(maxsize=256)
+# Unbounded on purpose: a captured CUDA graph keeps reading these device tensors, so an entry must never
+# be evicted and freed while a graph may replay (entries are a few small tensors per level layout).
+@functools.lru_cache(maxsize=None)
 def _cached_meta(sizes: tuple, scales: tuple, scale_dtype: torch.dtype, device: torch.device):
     """Level sizes (H, W) and scales as device tensors, made once per (shapes, scales, device): a steady-state
     call creates no tensor from host data, so a step can be captured in a CUDA graph."""

@@ -86,6 +86,18 @@ def test_tuning_loop_picks_the_fastest_config_through_the_pick_hook():
     assert _config.pick is original_pick  # the forcing hook is undone
 
 
+def test_autotune_forcing_takes_the_launchers_pick_signature():
+    """Launchers call ``pick(op, bucket, configs, default)``: the forcing hook must accept it and leave
+    other ops on their heuristic default."""
+    from kernels import _config
+
+    configs, heuristic = [{"BLOCK": 1}, {"BLOCK": 2}], {"BLOCK": 7}
+    with autotune.forced("toy", configs[1]):
+        assert _config.pick("toy", "b0", configs, heuristic) == {"BLOCK": 2}
+        assert _config.pick("other", "b0", configs, heuristic) == heuristic
+        assert _config.pick("other", "b0", configs) == configs[0]
+
+
 def test_compile_report_on_cpu(tmp_path):
     out = tmp_path / "rows.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compile_report.py"), "--cases", "roi_pool P2 7x7 fwd",
