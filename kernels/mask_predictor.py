@@ -106,13 +106,14 @@ def _mask_predictor_bwd_kernel(
     tl.store(gw_ptr + r * C + c, acc, mask=cm)
 
 
-# [0] is the forward's default, [1] the backward's. sm_90, 28x28, bf16 / fp32 NCHW features (channels_last
-# alike): the forward at [0] 56 / 70 registers, 128-bit feature loads and output stores (a thread's share of
-# BLOCK_P output pixels must be 128 bits: BLOCK_P >= 8 * threads for bf16 logits); the backward at [1] 64 / 56
-# registers, 128-bit loads and stores (at [2] 64 / 96).
+# [0] is the forward's default, [1] the backward's. 28x28 NCHW features (channels_last alike), registers
+# sm_80 / sm_90: forward at [0] 64 / 56 (bf16), 64 / 70 (fp32), 128-bit feature loads and output stores (a
+# thread's share of the BLOCK_P outputs must be 128 bits: BLOCK_P >= 8 * threads for bf16 logits); backward at
+# [1] 64 / 64 (bf16, fp32), 128-bit loads and stores, no local memory (BLOCK_P=256 at 2 warps spills 8 bytes
+# of fp32 on sm_80; the 16 x 256 tile at 4 warps takes 94 / 96 for fp32).
 _PREDICTOR_CONFIGS = [
     {"BLOCK_C": 8, "BLOCK_P": 512, "num_warps": 2, "num_stages": 1},
-    {"BLOCK_C": 8, "BLOCK_P": 256, "num_warps": 2, "num_stages": 1},
+    {"BLOCK_C": 8, "BLOCK_P": 128, "num_warps": 1, "num_stages": 1},
     {"BLOCK_C": 16, "BLOCK_P": 256, "num_warps": 4, "num_stages": 1},
     {"BLOCK_C": 4, "BLOCK_P": 1024, "num_warps": 4, "num_stages": 1},
 ]
