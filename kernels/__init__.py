@@ -17,7 +17,9 @@ __all__ = ["use_backend", "InputError", "InputTypeError", "BoxesShapeError"]
 from kernels.roi_align import roi_align, multiscale_roi_align  # noqa: E402
 from kernels.roi_pool import roi_pool  # noqa: E402
 
-__all__ += ["roi_align", "roi_pool", "multiscale_roi_align"]
+from kernels.modules import RoIAlign, RoIPool  # noqa: E402
+
+__all__ += ["roi_align", "roi_pool", "multiscale_roi_align", "RoIAlign", "RoIPool"]
 from kernels.nms import batched_nms, nms, nms_padded  # noqa: E402
 __all__ += ["nms", "batched_nms", "nms_padded"]
 from kernels.mask_loss import class_mask_logits, mask_predictor_loss, sigmoid_bce_mask_loss  # noqa: E402
