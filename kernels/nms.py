@@ -196,11 +196,12 @@ def _nms_reduce_kernel(
 
 # The mask kernel's tile is always 64 x 64; ROWS rows of it are computed at a time, by num_warps warps.
 # The reduction runs REDUCE_WARPS warps (one program per image). Registers at [0], sm_80 / sm_90: mask kernel
-# 92-95 / 80-94 (fp32 or bf16 boxes), reduce 128 / 128, which lets ptxas issue ~28 of a block's 64 word loads
-# before the first is used (at 16 warps it takes 64 registers and keeps ~14 ahead); no local memory in any
-# entry. (ROWS=64 at 4 warps takes 255; the reduce at 8 warps with BLOCK_W=64 spills 8 bytes on sm_80.)
+# 92-95 / 80-94 (fp32 or bf16 boxes), reduce 64 / 64 at 16 warps, which keeps ~14 of a block's 64 word loads
+# in flight before the first is used. At 4 warps the reduce takes 128 registers and keeps ~28 ahead on triton
+# 3.8, but spills 8 bytes on sm_90 with triton 3.6, so the default is 16. (ROWS=64 at 4 warps takes 255; the
+# reduce at 8 warps with BLOCK_W=64 spills 8 bytes on sm_80.)
 _CONFIGS = [
-    {"ROWS": 32, "BLOCK_W": 64, "REDUCE_WARPS": 4, "num_warps": 8, "num_stages": 1},
+    {"ROWS": 32, "BLOCK_W": 64, "REDUCE_WARPS": 16, "num_warps": 8, "num_stages": 1},
     {"ROWS": 16, "BLOCK_W": 64, "REDUCE_WARPS": 16, "num_warps": 4, "num_stages": 1},
     {"ROWS": 64, "BLOCK_W": 32, "REDUCE_WARPS": 8, "num_warps": 8, "num_stages": 1},
     {"ROWS": 32, "BLOCK_W": 128, "REDUCE_WARPS": 16, "num_warps": 4, "num_stages": 1},
@@ -208,7 +209,7 @@ _CONFIGS = [
 
 
 # fp64 boxes: 16-row slices (sm_90 89 registers, sm_80 110; 32-row slices take 141 on sm_90); reduce as [0]
-_F64_CONFIG = {"ROWS": 16, "BLOCK_W": 64, "REDUCE_WARPS": 4, "num_warps": 8, "num_stages": 1}
+_F64_CONFIG = {"ROWS": 16, "BLOCK_W": 64, "REDUCE_WARPS": 16, "num_warps": 8, "num_stages": 1}
 
 
 def get_configs() -> list[dict]:
