@@ -23,15 +23,20 @@ class probability of any pixel over all detections (see the README's ablation se
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
 import torch
+
+import kernels
 
 from maskrcnn_fast.errors import UserError
 from maskrcnn_fast.plots import plot_ablation
@@ -63,13 +68,20 @@ def slug(name: str) -> str:
 
 
 def selected(only: list[str] | None) -> list[tuple[str, dict]]:
-    """The baseline plus the variants named in ``only`` (substrings, case-insensitive; None: all)."""
-    keep = [v for v in VARIANTS if not only or v[0] == BASELINE
-            or any(o.lower() in v[0].lower() or o.lower() == slug(v[0]) for o in only)]
-    if only and len(keep) == 1:
+    """The baseline plus the variants named in ``only`` (None: all). A name equal to a variant's slug
+    picks that variant alone (``roipool`` is not also ``roipool_stride_32``); any other name is a
+    case-insensitive substring (``stride`` picks both stride-32 variants)."""
+    if not only:
+        return list(VARIANTS)
+    wanted = set()
+    for o in only:
+        o = o.lower()
+        exact = [name for name, _ in VARIANTS[1:] if slug(name) == o]
+        wanted.update(exact or [name for name, _ in VARIANTS[1:] if o in name.lower()])
+    if not wanted:
         raise UserError(f"--only {' '.join(only)} names no variant; variants: "
                         + ", ".join(slug(n) for n, _ in VARIANTS[1:]))
-    return keep
+    return [v for v in VARIANTS if v[0] == BASELINE or v[0] in wanted]
 
 
 # ---------------------------------------------------------------------- one run
@@ -190,53 +202,107 @@ def write_report(out: str, rows: list[dict], base: TrainConfig, seeds: int) -> s
 
 
 # ---------------------------------------------------------------------- driver
-def ablate(base: TrainConfig, only: list[str] | None = None, seeds: int = 3) -> list[dict]:
+def _run_one(cfg: TrainConfig, softmax: bool, threads: int | None = None,
+             backend: str | None = None) -> tuple[dict | None, dict | None]:
+    """Train one (variant, seed) run and, for a finished softmax run, its diagnostic. In a worker
+    process (``threads`` set) torch gets that many threads, the parent's forced kernel backend holds,
+    and the run's output goes to RUN/train.log."""
+    if threads is None:
+        metrics = train(cfg)
+        return metrics, softmax_diagnostic(cfg.out, cfg) if metrics is not None and softmax else None
+    torch.set_num_threads(threads)
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "train.log"), "a") as log, \
+            contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
+            (kernels.use_backend(backend) if backend else contextlib.nullcontext()):
+        return _run_one(cfg, softmax)
+
+
+def ablate(base: TrainConfig, only: list[str] | None = None, seeds: int = 3, jobs: int = 1) -> list[dict]:
     """Train every (variant, seed) under ``base.out``, skipping finished runs and resuming
-    interrupted ones; write progress, table, numbers and plot; return the summary rows."""
+    interrupted ones; write progress, table, numbers and plot; return the summary rows.
+
+    Runs go seed by seed (every variant's seed 0 first), so a partial ablation already pairs every
+    variant with the baseline. ``jobs`` > 1 trains that many runs at once in worker processes with
+    cores / jobs torch threads each: on 2 cores, two 1-thread runs finish more runs per hour than one
+    2-thread run, whose small convolutions do not use two threads fully (README)."""
     check_out_dir(base.out)
     if seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {seeds}")
+    if jobs < 1:
+        raise UserError(f"--jobs must be >= 1, got {jobs}")
     model_kwargs = base.model_kwargs or shapes_model_kwargs(base.image_size)
-    plan = [(name, switches, base.seed + k) for name, switches in selected(only) for k in range(seeds)]
-    runs: dict[str, list[dict]] = {}
+    plan = [(name, switches, base.seed + k) for k in range(seeds) for name, switches in selected(only)]
+    results: dict[int, dict] = {}
     status = ["pending"] * len(plan)
     table = ""
     started = time.time()
 
-    def progress(i_now: int | None) -> None:
+    def progress() -> None:
         done = sum(s.startswith("done") for s in status)
         lines = [f"ablation {done}/{len(plan)} runs done, {(time.time() - started) / 60:.1f} min in this session"]
-        for k, ((name, _, seed), s) in enumerate(zip(plan, status)):
-            lines.append(f"{'>' if k == i_now else ' '} {name:<34} seed {seed}: {s}")
+        for (name, _, seed), s in zip(plan, status):
+            lines.append(f"{'>' if s.startswith(('running', 'resuming')) else ' '} {name:<34} seed {seed}: {s}")
         with open(os.path.join(base.out, "progress.txt"), "w") as f:
             f.write("\n".join(lines) + "\n")
 
-    for i, (name, switches, seed) in enumerate(plan):
-        run_dir = os.path.join(base.out, slug(name), f"seed{seed}")
-        cfg = dataclasses.replace(base, out=run_dir, seed=seed, resume=False,
-                                  model_kwargs={**model_kwargs, **switches})
-        metrics = _finished(run_dir, cfg)
-        if metrics is None:
-            resume = os.path.exists(os.path.join(run_dir, "last.pt"))
-            status[i] = "resuming from last.pt" if resume else "running"
-            progress(i)
-            print(f"== [{i + 1}/{len(plan)}] {name}, seed {seed}: {switches or 'paper defaults'}"
-                  + (" (resuming)" if resume else ""), flush=True)
-            metrics = train(dataclasses.replace(cfg, resume=resume))
-            if metrics is None:  # stopped before the end (stop_after): not a result
-                status[i] = "stopped"
-                progress(None)
-                continue
-        result = {"seed": seed, "bbox": metrics["bbox"], "segm": metrics["segm"]}
-        if switches.get("mask_loss") == "softmax":
-            result["diagnostic"] = softmax_diagnostic(run_dir, cfg)
-        runs.setdefault(name, []).append(result)
+    def by_variant() -> dict[str, list[dict]]:  # finished runs per variant, in seed order
+        runs: dict[str, list[dict]] = {}
+        for k in sorted(results, key=lambda k: (plan[k][2], k)):
+            runs.setdefault(plan[k][0], []).append(results[k])
+        return runs
+
+    def finish(i: int, metrics: dict | None, diag: dict | None) -> None:
+        nonlocal table
+        if metrics is None:  # stopped before the end (stop_after): not a result
+            status[i] = "stopped"
+            progress()
+            return
+        result = {"seed": plan[i][2], "bbox": metrics["bbox"], "segm": metrics["segm"]}
+        if diag is not None:
+            result["diagnostic"] = diag
+        results[i] = result
         status[i] = f"done: mask AP {100 * metrics['segm']['AP']:.1f}, box AP {100 * metrics['bbox']['AP']:.1f}"
-        progress(None)
-        table = write_report(base.out, summarize(runs), base, seeds)  # partial results stay readable
-    rows = summarize(runs)
+        progress()
+        table = write_report(base.out, summarize(by_variant()), base, seeds)  # partial results stay readable
+
+    todo = []
+    for i, (name, switches, seed) in enumerate(plan):
+        cfg = dataclasses.replace(base, out=os.path.join(base.out, slug(name), f"seed{seed}"), seed=seed,
+                                  resume=False, model_kwargs={**model_kwargs, **switches})
+        metrics = _finished(cfg.out, cfg)
+        if metrics is None:
+            todo.append((i, cfg))
+        else:  # finished earlier; a softmax run's diagnostic is computed once and stored
+            finish(i, metrics, softmax_diagnostic(cfg.out, cfg) if switches.get("mask_loss") == "softmax" else None)
+
+    def start(i: int, cfg: TrainConfig) -> TrainConfig:
+        resume = os.path.exists(os.path.join(cfg.out, "last.pt"))
+        status[i] = "resuming from last.pt" if resume else "running"
+        progress()
+        name, switches, seed = plan[i]
+        print(f"== [{i + 1}/{len(plan)}] {name}, seed {seed}: {switches or 'paper defaults'}"
+              + (" (resuming)" if resume else "") + (f" -> {cfg.out}/train.log" if jobs > 1 else ""), flush=True)
+        return dataclasses.replace(cfg, resume=resume)
+
+    softmax = lambda i: plan[i][1].get("mask_loss") == "softmax"  # noqa: E731
+    if jobs == 1:
+        for i, cfg in todo:
+            finish(i, *_run_one(start(i, cfg), softmax(i)))
+    elif todo:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        forced = kernels._backend._forced
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            running = {}
+            while todo or running:
+                while todo and len(running) < jobs:  # submit only what runs now, so status is true
+                    i, cfg = todo.pop(0)
+                    running[pool.submit(_run_one, start(i, cfg), softmax(i), threads, forced)] = i
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    finish(running.pop(fut), *fut.result())
     print(table)
-    return rows
+    return summarize(by_variant())
 
 
 def launch_background(argv: list[str], out: str) -> int:

@@ -146,7 +146,7 @@ def cmd_ablate(args) -> int:
     if args.background:
         launch_background(sys.argv[1:] if args.argv is None else args.argv, cfg.out)
         return 0
-    ablate(cfg, args.only, args.seeds)
+    ablate(cfg, args.only, args.seeds, args.jobs)
     return 0
 
 
@@ -184,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="*", default=None,
                    help="variants to run besides the baseline (substrings): roipool stride softmax mlp")
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant (seed, seed+1, ...)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, each in its own process with cores/jobs torch threads")
     p.add_argument("--background", action="store_true",
                    help="run detached, logging to OUT/ablate.log; progress in OUT/progress.txt")
     p.set_defaults(func=cmd_ablate)
