@@ -17,7 +17,6 @@ import triton
 import triton.language as tl
 
 from kernels._backend import FLOAT_DTYPES, InputError, assert_in_range, check_tensor, compute_dtype
-from kernels._compile import TORCH_TO_TRITON
 from kernels.mask_targets import GtMaskTargets, _projected_target, project_masks_on_boxes
 
 
@@ -62,6 +61,21 @@ def _load_target(t_ptr, r, p, pm, M, s0, s1, s2, boxes_ptr, idx_ptr, G, H, W, x,
     else:
         t = tl.load(t_ptr + r * s0 + p * s1, mask=pm, other=0.0).to(x.dtype)
     return t
+
+
+@triton.jit
+def _store_loss_and_grad(x, r, pb, p, pm, P, t_ptr, M, s0, s1, s2, boxes_ptr, idx_ptr, G, H, W,
+                         rw_ptr, norm_ptr, inv_count, has_weight, partial_ptr, grad_ptr, write_grad,
+                         FROM_GT: tl.constexpr):
+    """The tail both forward kernels share, from the label-channel logits x of bins p of RoI r: the
+    targets, this program's scaled loss partial (one per program, summed by the launcher) and, when
+    write_grad, the scaled d(loss)/dx of its bins to the compact [R, P] gradient."""
+    t = _load_target(t_ptr, r, p, pm, M, s0, s1, s2, boxes_ptr, idx_ptr, G, H, W, x, FROM_GT)
+    loss, dx = _bce_and_dbce(x, t)
+    scale = _roi_scale(rw_ptr, norm_ptr, r, inv_count, P, has_weight)
+    tl.store(partial_ptr + r * tl.num_programs(1) + pb, tl.sum(tl.where(pm, loss, 0.0), axis=0) * scale)
+    if write_grad != 0:
+        tl.store(grad_ptr + r * P + p, dx * scale, mask=pm)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,35 +190,3 @@ def _check_roi_weight(roi_weight, R, op):
 
 def _need_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-# ----------------------------------------------------------------------------------------------
-# Offline compile specs
-# ----------------------------------------------------------------------------------------------
-def _fwd_io_cases(first: bool):
-    """(logits/features dtype, targets dtype, FROM_GT) the launchers pass: targets in the logits' dtype
-    or fp32; gt masks uint8 (bool is viewed as uint8), fp32, or fp64 with fp64 logits. Every dtype
-    appears at least once with the default config; the other configs compile one plain and one
-    gt-target case."""
-    if not first:
-        return [("bfloat16", "bfloat16", False), ("float16", "uint8", True)]
-    return [("float32", "float32", False), ("bfloat16", "bfloat16", False), ("float16", "float32", False),
-            ("bfloat16", "uint8", True), ("float32", "float32", True),
-            ("float64", "float64", False), ("float64", "float32", False), ("float64", "uint8", True),
-            ("float64", "float32", True), ("float64", "float64", True)]
-
-
-def _ptr(dtype: str) -> str:
-    return "*" + {"uint8": "u8", **TORCH_TO_TRITON}[dtype]
-
-
-def _cdt_ptr(dtype: str) -> str:
-    """Pointer type of the buffers in the compute dtype (weights, partials, compact gradient, boxes)."""
-    return "*fp64" if dtype == "float64" else "*fp32"
-
-
-# signature entries both ops' specs share: what the JIT sees for contiguous 28x28 planes (s_p == 1 is a
-# constant, so the unit pixel strides are left out and passed as constexprs by the specs)
-COMMON_SIG = {"labels_ptr": "*i64", "idx_ptr": "*i64", "inv_count": "fp32", "has_weight": "i32",
-              "write_grad": "i32", **{k: "i32" for k in ("C", "K", "P", "M", "G", "H", "W")},
-              **{k: "i64" for k in ("s0", "s1", "s2", "sx_r", "sx_k", "sf_r", "sf_c")}}

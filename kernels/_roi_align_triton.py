@@ -202,6 +202,25 @@ def _tile(pid_kc, pid_p, C, PH, PW, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr
 
 
 @triton.jit
+def _program(p0, p1, p2, p3, p4, hw_ptr, scales_ptr, rois_ptr, levels_ptr, N, C, PH, PW, sampling_ratio,
+             ALIGNED: tl.constexpr, NUM_LEVELS: tl.constexpr, MAX_GRID: tl.constexpr, SR2: tl.constexpr,
+             CHANNELS_LAST: tl.constexpr, BINS_FIRST: tl.constexpr, BLOCK_P: tl.constexpr,
+             BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """What forward and backward share: this program's tile (RoI k, channels c, bins p, mask), the
+    RoI's sampling geometry, and the address of its image's channels c on its level (p0..p4: the
+    features forward, their gradient backward)."""
+    k, c, p, mask = _tile(tl.program_id(0), tl.program_id(1), C, PH, PW, BLOCK_P, BLOCK_C, BINS_FIRST)
+    b, lvl, start_h, start_w, bin_h, bin_w, grid_h, grid_w, inv_count, H, W = _roi_geometry(
+        rois_ptr, levels_ptr, hw_ptr, scales_ptr, k, N, PH, PW, sampling_ratio,
+        ALIGNED, NUM_LEVELS, MAX_GRID, SR2, ACC)
+    s_n, s_c, s_h, s_w = _level_strides(C, H, W, CHANNELS_LAST)
+    base = _select_level(lvl, p0, p1, p2, p3, p4, NUM_LEVELS) + b * s_n + _chans(c.to(tl.int64) * s_c, BINS_FIRST)
+    ph = (p // PW).to(ACC)
+    pw = (p % PW).to(ACC)
+    return k, c, p, mask, base, ph, pw, start_h, start_w, bin_h, bin_w, grid_h, grid_w, inv_count, H, W, s_h, s_w
+
+
+@triton.jit
 def _roi_align_fwd_kernel(
     x0, x1, x2, x3, x4, hw_ptr, scales_ptr, rois_ptr, levels_ptr, out_ptr,
     N, C, PH, PW, sampling_ratio,
@@ -209,15 +228,9 @@ def _roi_align_fwd_kernel(
     CHANNELS_LAST: tl.constexpr, BINS_FIRST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    k, c, p, mask = _tile(tl.program_id(0), tl.program_id(1), C, PH, PW, BLOCK_P, BLOCK_C, BINS_FIRST)
-    b, lvl, start_h, start_w, bin_h, bin_w, grid_h, grid_w, inv_count, H, W = _roi_geometry(
-        rois_ptr, levels_ptr, hw_ptr, scales_ptr, k, N, PH, PW, sampling_ratio,
-        ALIGNED, NUM_LEVELS, MAX_GRID, SR2, ACC)
-    x_ptr = _select_level(lvl, x0, x1, x2, x3, x4, NUM_LEVELS)
-    s_n, s_c, s_h, s_w = _level_strides(C, H, W, CHANNELS_LAST)
-    ph = (p // PW).to(ACC)
-    pw = (p % PW).to(ACC)
-    base = x_ptr + b * s_n + _chans(c.to(tl.int64) * s_c, BINS_FIRST)
+    k, c, p, mask, base, ph, pw, start_h, start_w, bin_h, bin_w, grid_h, grid_w, inv_count, H, W, s_h, s_w = _program(
+        x0, x1, x2, x3, x4, hw_ptr, scales_ptr, rois_ptr, levels_ptr, N, C, PH, PW, sampling_ratio,
+        ALIGNED, NUM_LEVELS, MAX_GRID, SR2, CHANNELS_LAST, BINS_FIRST, BLOCK_P, BLOCK_C, ACC)
     acc = tl.zeros(mask.shape, dtype=ACC)
     for iy in range(0, grid_h):
         vy, r_lo, r_hi, hy, ly = _row(start_h, ph, bin_h, iy, grid_h, H, s_h)
@@ -258,20 +271,14 @@ def _roi_align_bwd_kernel(
     DETERMINISTIC: tl.constexpr, CHANNELS_LAST: tl.constexpr, BINS_FIRST: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
-    k, c, p, mask = _tile(tl.program_id(0), tl.program_id(1), C, PH, PW, BLOCK_P, BLOCK_C, BINS_FIRST)
-    b, lvl, start_h, start_w, bin_h, bin_w, grid_h, grid_w, inv_count, H, W = _roi_geometry(
-        rois_ptr, levels_ptr, hw_ptr, scales_ptr, k, N, PH, PW, sampling_ratio,
-        ALIGNED, NUM_LEVELS, MAX_GRID, SR2, ACC)
-    acc_ptr = _select_level(lvl, g0, g1, g2, g3, g4, NUM_LEVELS)
-    s_n, s_c, s_h, s_w = _level_strides(C, H, W, CHANNELS_LAST)
-    ph = (p // PW).to(ACC)
-    pw = (p % PW).to(ACC)
+    k, c, p, mask, base, ph, pw, start_h, start_w, bin_h, bin_w, grid_h, grid_w, inv_count, H, W, s_h, s_w = _program(
+        g0, g1, g2, g3, g4, hw_ptr, scales_ptr, rois_ptr, levels_ptr, N, C, PH, PW, sampling_ratio,
+        ALIGNED, NUM_LEVELS, MAX_GRID, SR2, CHANNELS_LAST, BINS_FIRST, BLOCK_P, BLOCK_C, ACC)
     g_offs = _chans(c.to(tl.int64) * sg_c, BINS_FIRST) + _bins(p.to(tl.int64) * sg_p, BINS_FIRST)
     g = tl.load(grad_ptr + k * sg_k + g_offs, mask=mask, other=0.0).to(ACC) * inv_count
     fix_scale = 0.0
     if DETERMINISTIC:
         fix_scale = tl.load(fix_scale_ptr)
-    base = acc_ptr + b * s_n + _chans(c.to(tl.int64) * s_c, BINS_FIRST)
     for iy in range(0, grid_h):
         vy, r_lo, r_hi, hy, ly = _row(start_h, ph, bin_h, iy, grid_h, H, s_h)
         for ix in range(0, grid_w):

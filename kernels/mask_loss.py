@@ -42,11 +42,9 @@ import triton.language as tl
 from kernels import _config
 from kernels._backend import FLOAT_DTYPES, InputError, backend_for, check_same_device, check_tensor, \
     compute_dtype, no_autocast
-from kernels._compile import CompileSpec
-from kernels._mask_loss_common import (COMMON_SIG, _bce_and_dbce, _cdt_ptr, _check_labels, _check_roi_weight,
-                                       _check_targets, _check_values, _flat_planes, _fwd_io_cases, _load_target,
-                                       _need_grad, _plane_strides, _ptr, _roi_scale, _scales, _target_args,
-                                       _torch_bce, _torch_targets)
+from kernels._mask_loss_common import (_check_labels, _check_roi_weight, _check_targets, _check_values,
+                                       _flat_planes, _need_grad, _plane_strides, _scales, _store_loss_and_grad,
+                                       _target_args, _torch_bce, _torch_targets)
 
 
 @triton.jit
@@ -63,12 +61,8 @@ def _sigmoid_bce_fwd_kernel(
     # a bad label is reported by the launcher; clamping keeps this read inside the logits
     label = tl.minimum(tl.maximum(tl.load(labels_ptr + r), 0), K - 1).to(tl.int64)
     x = tl.load(x_ptr + r * sx_r + label * sx_k + p * sx_p, mask=pm, other=0.0).to(cdt)
-    t = _load_target(t_ptr, r, p, pm, M, s0, s1, s2, boxes_ptr, idx_ptr, G, H, W, x, FROM_GT)
-    loss, dx = _bce_and_dbce(x, t)
-    scale = _roi_scale(rw_ptr, norm_ptr, r, inv_count, P, has_weight)
-    tl.store(partial_ptr + r * tl.num_programs(1) + pb, tl.sum(tl.where(pm, loss, 0.0), axis=0) * scale)
-    if write_grad != 0:
-        tl.store(grad_ptr + r * P + p, dx * scale, mask=pm)
+    _store_loss_and_grad(x, r, pb, p, pm, P, t_ptr, M, s0, s1, s2, boxes_ptr, idx_ptr, G, H, W,
+                         rw_ptr, norm_ptr, inv_count, has_weight, partial_ptr, grad_ptr, write_grad, FROM_GT)
 
 
 @triton.jit
@@ -237,34 +231,6 @@ def sigmoid_bce_mask_loss(mask_logits: torch.Tensor, labels: torch.Tensor, mask_
                       **({} if roi_weight is None else {"roi_weight": roi_weight}))
     _check_values(labels, K, targets, op, check_targets)
     return _loss_op(mask_logits, labels, *targets, roi_weight, _need_grad(mask_logits))[0]
-
-
-# ----------------------------------------------------------------------------------------------
-# Offline compile specs
-# ----------------------------------------------------------------------------------------------
-def compile_specs() -> list[CompileSpec]:
-    """Default config in every dtype and mode; every other config for one plain and one gt-target case.
-    Unit strides are constexprs, as the JIT makes them at launch (contiguous logits, targets, masks)."""
-    specs = []
-    for i, cfg in enumerate(_LOSS_CONFIGS):
-        meta, opts = _config.launch_kwargs(cfg)
-        tag = ",".join(f"{k}={v}" for k, v in meta.items()) + f",w{opts['num_warps']}"
-        for xd, td, gt in _fwd_io_cases(i == 0):
-            ones = {"sx_p": 1, "s2": 1, **({} if gt else {"s1": 1})}
-            const = dict(FROM_GT=gt, **meta, **ones)
-            c = _cdt_ptr(xd)
-            sig = {**COMMON_SIG, "x_ptr": _ptr(xd), "t_ptr": _ptr(td), "boxes_ptr": c, "rw_ptr": c, "norm_ptr": c,
-                   "partial_ptr": c, "grad_ptr": c, **{k: "constexpr" for k in const}}
-            sig = {k: sig[k] for k in _sigmoid_bce_fwd_kernel.arg_names}
-            name = f"mask_loss.sigmoid_bce_fwd[{xd},t={td},gt{int(gt)},{tag}]"
-            specs.append(CompileSpec(name, _sigmoid_bce_fwd_kernel, sig, const, default=i == 0, **opts))
-        for xd in (("float32", "bfloat16", "float64") if i == 0 else ("bfloat16",)):
-            c = _cdt_ptr(xd)
-            sig = {"grad_ptr": c, "gout_ptr": c, "labels_ptr": "*i64", "out_ptr": _ptr(xd), "K": "i32", "P": "i32",
-                   **{k: "constexpr" for k in meta}}
-            specs.append(CompileSpec(f"mask_loss.sigmoid_bce_bwd[{xd},{tag}]", _sigmoid_bce_bwd_kernel, sig,
-                                     dict(meta), default=i == 0, **opts))
-    return specs
 
 
 # the fused predictor's public names (and configs, for the tuner) stay importable from here

@@ -34,11 +34,9 @@ import triton.language as tl
 from kernels import _config
 from kernels._backend import (FLOAT_DTYPES, InputError, backend_for, check_same_device, check_tensor,
                               compute_dtype, no_autocast)
-from kernels._compile import CompileSpec
-from kernels._mask_loss_common import (COMMON_SIG, _bce_and_dbce, _cdt_ptr, _check_labels, _check_roi_weight,
-                                       _check_targets, _check_values, _flat_planes, _fwd_io_cases, _load_target,
-                                       _need_grad, _plane_strides, _ptr, _roi_scale, _scales, _target_args,
-                                       _torch_bce, _torch_targets)
+from kernels._mask_loss_common import (_check_labels, _check_roi_weight, _check_targets, _check_values,
+                                       _flat_planes, _need_grad, _plane_strides, _scales, _store_loss_and_grad,
+                                       _target_args, _torch_bce, _torch_targets)
 
 
 @triton.jit
@@ -68,12 +66,8 @@ def _mask_predictor_fwd_kernel(
     if LOGITS_ONLY:
         tl.store(out_ptr + r * P + p, x.to(out_ptr.dtype.element_ty), mask=pm)
     else:
-        t = _load_target(t_ptr, r, p, pm, M, s0, s1, s2, boxes_ptr, idx_ptr, G, H, W, x, FROM_GT)
-        loss, dx = _bce_and_dbce(x, t)
-        scale = _roi_scale(rw_ptr, norm_ptr, r, inv_count, P, has_weight)
-        tl.store(partial_ptr + r * tl.num_programs(1) + pb, tl.sum(tl.where(pm, loss, 0.0), axis=0) * scale)
-        if write_grad != 0:
-            tl.store(out_ptr + r * P + p, dx * scale, mask=pm)
+        _store_loss_and_grad(x, r, pb, p, pm, P, t_ptr, M, s0, s1, s2, boxes_ptr, idx_ptr, G, H, W,
+                             rw_ptr, norm_ptr, inv_count, has_weight, partial_ptr, out_ptr, write_grad, FROM_GT)
 
 
 @triton.jit
@@ -332,38 +326,3 @@ def class_mask_logits(mask_features: torch.Tensor, weight: torch.Tensor, bias: t
     check_same_device(mask_features=mask_features, weight=weight, bias=bias, labels=labels)
     _check_values(labels, weight2d.shape[0], None, op, False)
     return _class_logits_op(mask_features, weight2d, bias, labels)
-
-
-# ----------------------------------------------------------------------------------------------
-# Offline compile specs
-# ----------------------------------------------------------------------------------------------
-def compile_specs() -> list[CompileSpec]:
-    """Each kernel's default config in every dtype and mode (NCHW features: s_p = 1 is a constexpr, as at
-    launch); every other config for one plain and one gt-target case; channels_last (s_c = 1) for bf16."""
-    specs = []
-    for i, cfg in enumerate(_PREDICTOR_CONFIGS):
-        meta, opts = _config.launch_kwargs(cfg)
-        tag = ",".join(f"{k}={v}" for k, v in meta.items()) + f",w{opts['num_warps']}"
-        cases = [(x, t, gt, False, "nchw") for x, t, gt in _fwd_io_cases(i == 0)]
-        cases += [(x, x, False, True, "nchw") for x in (("bfloat16", "float64") if i == 0 else ())]
-        cases += [("bfloat16", "float32", False, False, "cl")] if i == 0 else []
-        for xd, td, gt, lo, layout in cases:
-            ones = {"sf_p" if layout == "nchw" else "sf_c": 1, "s2": 1, **({} if gt else {"s1": 1})}
-            const = dict(FROM_GT=gt, LOGITS_ONLY=lo, **meta, **ones)
-            c = _cdt_ptr(xd)
-            sig = {**COMMON_SIG, "sf_p": "i32", "f_ptr": _ptr(xd), "t_ptr": _ptr(td), "w_ptr": c, "b_ptr": c,
-                   "boxes_ptr": c, "rw_ptr": c, "norm_ptr": c, "partial_ptr": c,
-                   "out_ptr": _ptr(xd) if lo else c, **{k: "constexpr" for k in const}}
-            sig = {k: sig[k] for k in _mask_predictor_fwd_kernel.arg_names}
-            name = f"mask_predictor.fwd[{xd},t={td},gt{int(gt)},lo{int(lo)},{layout},{tag}]"
-            specs.append(CompileSpec(name, _mask_predictor_fwd_kernel, sig, const, default=i == 0, **opts))
-        for xd, layout in ([("float32", "nchw"), ("bfloat16", "nchw"), ("float64", "nchw"), ("bfloat16", "cl")]
-                           if i == 1 else [("bfloat16", "nchw")]):
-            c = _cdt_ptr(xd)
-            const = {**meta, ("sf_p" if layout == "nchw" else "sf_c"): 1}
-            sig = {"g_ptr": c, "gout_ptr": c, "f_ptr": _ptr(xd), "w_ptr": c, "labels_ptr": "*i64", "df_ptr": _ptr(xd),
-                   "gw_ptr": c, "C": "i32", "K": "i32", "P": "i32", "sf_r": "i64", "sf_c": "i32", "sf_p": "i32",
-                   **{k: "constexpr" for k in const}}
-            specs.append(CompileSpec(f"mask_predictor.bwd[{xd},{layout},{tag}]", _mask_predictor_bwd_kernel, sig,
-                                     const, default=i == 1, **opts))
-    return specs

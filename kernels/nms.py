@@ -1,5 +1,5 @@
 """Non-maximum suppression: Triton kernels (an IoU bitmask and a greedy reduction), and a CPU backend on
-torchvision's compiled NMS.
+torchvision's compiled NMS (in ``_nms_torch.py``).
 
 Maths (torchvision's exact rule)
     Boxes are visited in decreasing score order (a stable sort, so ties keep input order).
@@ -34,24 +34,6 @@ Bytes moved, per image with N boxes (W = ceil(N / 64) words, e = 2, 4 or 8 bytes
                    ~N * W * 8 / 2 bytes (upper triangle of the N x N / 8 bitmask, rows padded to 64)
     reduce kernel: reads at most the same upper triangle (less with the early stop), writes
                    max_output * 8 + W * 8 (keep list + removed bitset)
-
-CPU backend (``_torch_nms``: CPU without the interpreter, or ``kernels.use_backend("torch")``)
-    ``torchvision.ops.nms`` once per image, on inputs rewritten so that its greedy loop follows the rule
-    above: the boxes are already in our order, and strictly decreasing stand-in scores
-    (-position) keep torchvision's own sort from reordering ties; boxes that take no part (a non-finite
-    coordinate, padding) become all-NaN boxes, whose IoU with anything is NaN, never above the threshold.
-    With class ids and up to ``PER_CLASS_ABOVE`` (1000) boxes, every class is moved along x into a strip
-    of its own (dense class rank r: shift r * (2 * span + 1), span = the image's extent of finite x), so
-    boxes of different classes are disjoint (IoU 0 or NaN) and one call does all classes. The shift is
-    done in fp64 so that it does not round fp32 coordinates of ordinary size; the IoU is then computed in
-    fp64, which changes a decision only for an fp32 IoU within rounding of the threshold. Above 1000 boxes
-    (as torchvision's own batched_nms) one call per class, in the compute dtype, so the work is
-    sum(n_c^2) rather than N^2; the class boundaries are read on the host, free on a CPU. A negative
-    threshold with class ids (disjoint boxes, IoU 0, would suppress each other) runs the rule straight
-    from its definition instead, slowly. Padding positions are dropped after the call, so no
-    data-dependent length is read on the host. The eager drop-ins (``nms``/``batched_nms``, which sync for
-    their length anyway) first try ``_torch_nms_flat_common_case``: all inputs finite, torchvision's nms
-    on the real scores with no stand-ins, ~10 tensor ops instead of ~30.
 """
 from __future__ import annotations
 
@@ -59,22 +41,15 @@ import numbers
 
 import numpy as np
 import torch
-import torchvision
 import triton
 import triton.language as tl
 
 from kernels import _config
 from kernels._backend import (FLOAT_DTYPES, InputError, InputTypeError, backend_for, check_same_device,
-                              check_tensor, compute_dtype, no_autocast)
-from kernels._compile import TORCH_TO_TRITON, CompileSpec
+                              check_tensor, no_autocast)
+from kernels._nms_torch import _torch_nms, torch_batched_nms
 
 WORD = 64
-
-
-def _tv_nms(boxes, scores, iou_threshold):
-    """torchvision's compiled CPU nms, called as an op: a user who sets ``torchvision.ops.nms = kernels.nms``
-    (to port code) must not send our CPU backend back into itself."""
-    return torch.ops.torchvision.nms(boxes, scores, iou_threshold)
 
 
 @triton.jit
@@ -288,92 +263,6 @@ def _launch(boxes, cls, n_valid, iou_threshold, max_output):
     return keep, count
 
 
-def _separate_classes(bx, cls):
-    """Shift each class's boxes along x into a strip of its own (see the module docstring), sync-free.
-
-    ``bx [B,N,4]`` fp64 with all-NaN boxes for those that take no part; ``cls [B,N]`` class ids."""
-    ids, perm = cls.sort(1)
-    starts = torch.ones_like(ids, dtype=torch.int64)  # 1 where a new class id begins in sorted order
-    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    rank = torch.empty_like(starts).scatter_(1, perm, starts.cumsum(1) - 1)  # dense rank 0, 1, 2, ...
-    x = bx[..., 0::2].nan_to_num(0.0)
-    stride = 2 * (x.amax((1, 2)) - x.amin((1, 2))) + 1  # the gap between strips (span + 1) outlasts rounding
-    shift = rank.to(bx.dtype) * stride[:, None]
-    return bx + torch.stack([shift, torch.zeros_like(shift)] * 2, -1)
-
-
-def _greedy_by_definition(bx, cls, live, iou_threshold):
-    """Kept mask ``[B,N]`` straight from the rule (an N x N suppression matrix, then N steps).
-
-    Only for a negative threshold with class ids, where strips cannot separate the classes."""
-    x1, y1, x2, y2 = bx.unbind(-1)
-    area = (x2 - x1) * (y2 - y1)
-    w = (torch.minimum(x2[:, :, None], x2[:, None]) - torch.maximum(x1[:, :, None], x1[:, None])).clamp_min(0)
-    h = (torch.minimum(y2[:, :, None], y2[:, None]) - torch.maximum(y1[:, :, None], y1[:, None])).clamp_min(0)
-    inter = w * h
-    sup = inter / (area[:, :, None] + area[:, None] - inter) > iou_threshold  # sup[b, i, j]: i suppresses j
-    sup &= (cls[:, :, None] == cls[:, None]) & live[:, :, None] & live[:, None]
-    kept = torch.zeros_like(live)
-    for j in range(live.shape[1]):
-        kept[:, j] = ~(kept[:, :j] & sup[:, :j, j]).any(1)
-    return kept
-
-
-PER_CLASS_ABOVE = 1000  # boxes per image above which classes run one torchvision call each (as torchvision)
-
-
-def _torch_nms_image(boxes, cls, live, iou_threshold):
-    """Kept positions (ascending = by score) of one image's sorted boxes ``[N,4]``, through torchvision's nms.
-
-    Boxes that take no part (``~live``) become all-NaN: their IoU is NaN, so they neither suppress nor
-    are suppressed. Up to ``PER_CLASS_ABOVE`` boxes, classes go into x strips and one call (fp64, so the
-    shift rounds nothing); above it, one call per class on that class's boxes, whose boundaries are read
-    on the host -- a sync, free on the CPU this runs on -- so that the work is sum(n_c^2), not N^2."""
-    N = boxes.shape[0]
-    strips = cls is not None and N <= PER_CLASS_ABOVE
-    dtype = torch.float64 if strips else compute_dtype(boxes.dtype)
-    bx = torch.where(live[:, None], boxes.to(dtype), float("nan"))
-    stand_in = -torch.arange(N, device=boxes.device, dtype=dtype)  # strictly decreasing: our order
-    if cls is None:
-        return _tv_nms(bx, stand_in, iou_threshold)
-    if strips:
-        return _tv_nms(_separate_classes(bx[None], cls[None])[0], stand_in, iou_threshold)
-    by_class = torch.sort(cls, stable=True).indices  # positions grouped by class, score order inside
-    counts = torch.unique_consecutive(cls[by_class], return_counts=True)[1].tolist()
-    kept = [seg[_tv_nms(bx[seg], stand_in[seg], iou_threshold)]
-            for seg in torch.split(by_class, counts)]
-    return torch.cat(kept).sort().values
-
-
-def _torch_nms(boxes, cls, n_valid, iou_threshold, max_output):
-    """CPU backend: ``torchvision.ops.nms`` once per image, fed so that it follows our rule (module docstring).
-
-    ``boxes [B,N,4]`` / ``cls [B,N]`` are sorted (``_sorted_inputs``), ``n_valid [B]`` counts the finite
-    scores, ``iou_threshold`` is already an fp32 value. Returns kept positions in order then -1
-    ``[B,max_output]``, and their count ``[B]``. The loop runs over the B images; only tensor shapes reach
-    Python, except the per-class counts above ``PER_CLASS_ABOVE`` boxes (a host read, free on a CPU). On
-    CUDA torchvision's nms would itself sync for its output length; CUDA tensors always run the Triton
-    kernels instead.
-    """
-    B, N = boxes.shape[:2]
-    dev = boxes.device
-    pos = torch.arange(N, device=dev)
-    live = torch.isfinite(boxes).all(-1) & (pos < n_valid[:, None])  # the boxes that take part
-    keep = torch.full((B, max_output), -1, dtype=torch.int64, device=dev)
-    if cls is not None and iou_threshold < 0:
-        kept = _greedy_by_definition(boxes.to(compute_dtype(boxes.dtype)), cls, live, iou_threshold)
-        slot = torch.where(kept, kept.cumsum(1) - 1, max_output).clamp_max(max_output)
-        spill = torch.full((B, max_output + 1), -1, dtype=torch.int64, device=dev)
-        keep = spill.scatter_(1, slot, pos.expand(B, N))[:, :max_output]  # column max_output is a spill bin
-    else:
-        for b in range(B):
-            kept = _torch_nms_image(boxes[b], None if cls is None else cls[b], live[b], iou_threshold)[:max_output]
-            keep[b, :kept.shape[0]] = kept
-    # padding boxes never suppress (NaN or not live) and come last: drop them from the end of each row
-    keep = torch.where(keep < n_valid[:, None], keep, -1)
-    return keep, (keep >= 0).sum(1)
-
-
 @torch.library.custom_op("maskrcnn_fast::nms_padded", mutates_args=())
 def _nms_padded(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor | None, iou_threshold: float,
                 max_output: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -410,31 +299,6 @@ def nms_padded(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, 
     return _nms_padded(boxes, scores, idxs, _threshold(iou_threshold), int(max_output))
 
 
-def _torch_nms_flat_common_case(boxes, scores, idxs, iou_threshold):
-    """Eager CPU drop-in when every box is finite and every score above -inf (not NaN), else None.
-
-    Then our rule is torchvision's own: its CPU nms sorts the real scores stably, so no stand-in scores,
-    gathers or NaN boxes are needed. Classes (at most ``PER_CLASS_ABOVE`` boxes, ids spanning at most
-    as many values) are shifted diagonally by (id - min id) * (2 * span + 1) in fp64, which rounds no
-    fp32/fp16/bf16 coordinate. The checks read values on the host: free on a CPU, and this drop-in
-    syncs for its output length anyway. Costs ~10 ops where the general path takes ~30 (300 boxes x
-    80 classes: the overhead was as long as torchvision's NMS itself)."""
-    if not bool(torch.isfinite(boxes).all() & (scores > float("-inf")).all()):
-        return None
-    if idxs is None:
-        dtype = compute_dtype(boxes.dtype)
-        return _tv_nms(boxes.to(dtype), scores.to(dtype), iou_threshold)
-    N = boxes.shape[0]
-    if N > PER_CLASS_ABOVE or boxes.dtype == torch.float64:
-        return None  # per-class calls (large N); fp64 coordinates could round when shifted
-    lo, hi = (float(v) for v in boxes.aminmax())
-    id_lo, id_hi = (int(v) for v in idxs.aminmax())
-    if id_hi - id_lo > PER_CLASS_ABOVE:
-        return None  # sparse ids: the general path ranks them densely
-    shift = (idxs - id_lo).to(torch.float64) * (2 * (hi - lo) + 1)  # ids subtracted exactly, as ints
-    return _tv_nms(boxes.to(torch.float64) + shift[:, None], scores.to(torch.float64), iou_threshold)
-
-
 def _batched_nms_impl(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor | None,
                       iou_threshold: float) -> torch.Tensor:
     N = boxes.shape[0]
@@ -443,16 +307,7 @@ def _batched_nms_impl(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Ten
             return torch.empty(0, dtype=torch.int64, device=boxes.device)
         if backend_for(boxes) == "torch" and iou_threshold >= 0:
             # the drop-in syncs for its length anyway: the lean CPU path, without the padded machinery
-            kept = _torch_nms_flat_common_case(boxes, scores, idxs, _fp32(iou_threshold))
-            if kept is not None:
-                return kept
-            s_sorted, order = torch.sort(torch.where(torch.isnan(scores), float("-inf"), scores),
-                                         descending=True, stable=True)
-            boxes_sorted = boxes[order]
-            scored = s_sorted > float("-inf")  # -inf scores (and NaN, made -inf) are padding: never kept
-            live = scored & torch.isfinite(boxes_sorted).all(1)
-            pos = _torch_nms_image(boxes_sorted, None if idxs is None else idxs[order], live, _fp32(iou_threshold))
-            return order[pos[scored[pos]]]
+            return torch_batched_nms(boxes, scores, idxs, _fp32(iou_threshold))
         keep, count = _nms_padded(boxes[None], scores[None], None if idxs is None else idxs[None], iou_threshold, N)
         return keep[0, :int(count[0])].clone()  # the drop-in API's output length is data-dependent: one sync
 
@@ -504,30 +359,3 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, i
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     _check_flat(boxes, scores, idxs)
     return _dispatch_batched_nms(boxes, scores, idxs, _threshold(iou_threshold))
-
-
-def compile_specs() -> list[CompileSpec]:
-    # pointers and N, W, NP are what the JIT sees at launch (NP = 64 * W is a multiple of 16); the launch's
-    # enable_fp_fusion=False is not expressible here (CompileSpec carries warps and stages only)
-    def mask_specs(cfg, dtypes, default):
-        meta, opts = _config.launch_kwargs(cfg)
-        for dtype in dtypes:
-            for has_cls in (False, True):
-                const = {"HAS_CLASSES": has_cls, "ROWS": meta["ROWS"]}
-                sig = {"boxes_ptr": f"*{TORCH_TO_TRITON[dtype]}", "cls_ptr": "*i32", "nvalid_ptr": "*i32",
-                       "mask_ptr": "*i64", "N": "i32", "W": "i32", "NP": "i32", "iou_threshold": "fp32",
-                       **{k: "constexpr" for k in const}}
-                yield CompileSpec(f"nms_mask[{dtype},cls{int(has_cls)},R{meta['ROWS']},w{opts['num_warps']}]",
-                                  _nms_mask_kernel, sig, const, default=default, **opts)
-
-    specs = []
-    for i, cfg in enumerate(_CONFIGS):
-        specs += mask_specs(cfg, ("float32", "float16", "bfloat16") if i == 0 else ("float32",), default=i == 0)
-        meta, opts = _config.launch_kwargs(cfg)
-        const = {"BLOCK_W": meta["BLOCK_W"]}
-        sig = {"mask_ptr": "*i64", "nvalid_ptr": "*i32", "removed_ptr": "*i64", "keep_ptr": "*i64",
-               "count_ptr": "*i64", "W": "i32", "NP": "i32", "max_output": "i32", "BLOCK_W": "constexpr"}
-        specs.append(CompileSpec(f"nms_reduce[W{meta['BLOCK_W']},w{meta['REDUCE_WARPS']}]", _nms_reduce_kernel,
-                                 sig, const, default=i == 0, num_warps=meta["REDUCE_WARPS"], num_stages=1))
-    specs += mask_specs(_F64_CONFIG, ("float64",), default=True)  # its reduce kernel is _CONFIGS[0]'s
-    return specs

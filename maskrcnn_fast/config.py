@@ -33,7 +33,10 @@ class MaskRCNNConfig:
     backbone: str = "resnet50"
     fpn_channels: int = 256
     trainable_backbone_layers: int = 3
-    channels_last: bool = False
+    # None: channels-last where CUDA is available (cuDNN's NHWC convolutions; RoIAlign's 128-bit loads along
+    # channels), else NCHW, the layout the README's CPU timings use. Resolved when the model is built
+    # (on CPU, then moved: .to(device) keeps the memory format); the batch follows its device.
+    channels_last: Optional[bool] = None
 
     # --- RPN ---
     anchor_sizes: Tuple[int, ...] = (32, 64, 128, 256, 512)

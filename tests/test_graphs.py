@@ -107,18 +107,23 @@ def test_step_equals_plain_pytorch_training():
     assert ref_sched.last_epoch == step.scheduler.last_epoch == 3
 
 
-def test_non_finite_step_is_skipped_on_the_device():
-    torch.manual_seed(0)
-    model = tiny_model().train()
-    step = _stepper(model)
+def _poison(model, term: str, at_call: int):
+    """``model`` whose ``losses`` returns NaN for ``term`` on its ``at_call``-th call (and only then)."""
     real_losses, calls = model.losses, [0]
 
     def poisoned(*args):
         out = real_losses(*args)
         calls[0] += 1
-        return {**out, "loss_box_reg": out["loss_box_reg"] * float("nan")} if calls[0] == 2 else out
+        return {**out, term: out[term] * float("nan")} if calls[0] == at_call else out
 
     model.losses = poisoned
+    return model
+
+
+def test_non_finite_step_is_skipped_on_the_device():
+    torch.manual_seed(0)
+    model = _poison(tiny_model().train(), "loss_box_reg", at_call=2)
+    step = _stepper(model)
     step.step(*_batch(0))
     before = [p.detach().clone() for p in model.parameters()]
     momentum = [s["momentum_buffer"].clone() for s in step.optimizer.state.values()]
@@ -197,19 +202,8 @@ def test_train_cuda_graphs_nan_stops_and_keeps_last_good_checkpoint(tmp_path, mo
 
     real_build = train_mod.build_model
 
-    def build_with_nan_at_call_3(*args, **kwargs):
-        model = real_build(*args, **kwargs)
-        losses, calls = model.losses, [0]
-
-        def poisoned(*a):
-            out = losses(*a)
-            calls[0] += 1
-            return {**out, "loss_mask": out["loss_mask"] * float("nan")} if calls[0] == 3 else out
-
-        model.losses = poisoned
-        return model
-
-    monkeypatch.setattr(train_mod, "build_model", build_with_nan_at_call_3)
+    monkeypatch.setattr(train_mod, "build_model",
+                        lambda *a, **kw: _poison(real_build(*a, **kw), "loss_mask", at_call=3))
     with pytest.raises(NonFiniteLossError, match=r"iteration 3: .*loss_mask=nan.*last.pt \(iteration 2\) is kept"):
         train(tiny(tmp_path, iters=6, ckpt_every=2, cuda_graphs=True))
     ckpt = checkpoint.load(str(tmp_path / "last.pt"))

@@ -353,6 +353,41 @@ def test_training_step_compiles_as_one_graph():
     assert model.rpn.head.cls_logits.weight.grad is not None
 
 
+def _is_cl(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _a_trained_conv_weight(model) -> torch.Tensor:  # 3x3 or larger, so NHWC and NCHW strides differ
+    return next(p for p in model.backbone.parameters() if p.dim() == 4 and p.shape[-1] > 1 and p.requires_grad)
+
+
+@pytest.mark.parametrize("setting, cuda_available, weights_cl", [
+    (None, False, False), (None, True, True), (True, False, True), (False, True, False)])
+def test_memory_format_default_is_channels_last_where_cuda_is(monkeypatch, setting, cuda_available, weights_cl):
+    """channels_last=None (the default): NHWC weights when CUDA is available (the model is built on CPU and
+    moved; .to(device) keeps the format) and an NHWC batch on CUDA only; True/False force it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_available)
+    model = tiny_model(**({} if setting is None else {"channels_last": setting}))
+    assert model.cfg.channels_last is setting
+    assert _is_cl(_a_trained_conv_weight(model)) == weights_cl
+    batch = model.transform(make_batch()[0], None)[0]  # a CPU batch: NHWC only when forced
+    assert _is_cl(batch) == (setting is True)
+
+
+@pytest.mark.gpu
+def test_default_model_runs_channels_last_on_cuda():
+    model = tiny_model().cuda().train()
+    images, targets = make_batch()
+    images = [im.cuda() for im in images]
+    targets = [{k: v.cuda() for k, v in t.items()} for t in targets]
+    batch = model.transform(images, targets)[0]
+    conv = _a_trained_conv_weight(model)
+    assert _is_cl(batch) and _is_cl(conv)
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values()) and _is_cl(conv.grad)
+
+
 def test_channels_last_and_bf16_autocast():
     torch.manual_seed(0)
     model = tiny_model(channels_last=True).train()

@@ -179,7 +179,7 @@ def test_infinite_scores_are_kept_like_any_other(backend):
 
 
 def test_torch_backend_per_class_path_equals_kernel_above_threshold():
-    from kernels.nms import PER_CLASS_ABOVE
+    from kernels._nms_torch import PER_CLASS_ABOVE
     n = PER_CLASS_ABOVE + 37
     boxes, scores = clustered_boxes(n, seed=11)
     idxs = torch.randint(0, 7, (n,), generator=torch.Generator().manual_seed(11))
@@ -357,8 +357,9 @@ def test_fp16_boxes_keep_what_fp32_keeps(backend):
 
 def test_autocast_changes_nothing(backend, monkeypatch):
     seen = []  # whether autocast was on inside the op bodies
-    mod = importlib.import_module("kernels.nms")
-    for name in ("_sorted_inputs", "_torch_nms_image", "_torch_nms_flat_common_case"):  # every path meets one
+    for module, name in (("kernels.nms", "_sorted_inputs"), ("kernels._nms_torch", "_torch_nms_image"),
+                         ("kernels._nms_torch", "_torch_nms_flat_common_case")):  # every path meets one
+        mod = importlib.import_module(module)
         fn = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, fn=fn: seen.append(torch.is_autocast_enabled("cpu")) or fn(*a))
     boxes, scores = clustered_boxes(130, seed=12)
