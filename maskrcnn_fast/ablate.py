@@ -160,6 +160,33 @@ def summarize(runs: dict[str, list[dict]]) -> list[dict]:
     return rows
 
 
+PAIRED = (("segm", "AP", "mask AP"), ("segm", "AP75", "mask AP75"), ("bbox", "AP", "box AP"))
+
+
+def paired_differences(rows: list[dict]) -> list[dict]:
+    """Per comparison, over the seeds both settings finished (a seed is a paired trial: same initial
+    weights, data and sample order): reference minus variant of mask AP, mask AP75 and box AP, their
+    mean and sample std, and on how many seeds the reference was ahead."""
+    by_name = {r["name"]: r for r in rows}
+    out = []
+    for comparison, ref, variant in COMPARISONS:
+        if ref not in by_name or variant not in by_name:
+            continue
+        a = {r["seed"]: r for r in by_name[ref]["runs"]}
+        b = {r["seed"]: r for r in by_name[variant]["runs"]}
+        seeds = sorted(set(a) & set(b))
+        if not seeds:
+            continue
+        entry = {"comparison": comparison, "reference": ref, "variant": variant, "seeds": seeds, "diff": {}}
+        for kind, m, label in PAIRED:
+            d = [a[s][kind][m] - b[s][kind][m] for s in seeds]
+            entry["diff"][label] = {"per_seed": d, "mean": statistics.fmean(d),
+                                    "std": statistics.stdev(d) if len(d) > 1 else 0.0,
+                                    "reference_ahead": sum(x > 0 for x in d)}
+        out.append(entry)
+    return out
+
+
 def _cell(row: dict, kind: str, m: str) -> str:
     return f"{100 * row['mean'][kind][m]:.1f} ± {100 * row['std'][kind][m]:.1f}"
 
@@ -174,6 +201,11 @@ def markdown_table(rows: list[dict], base: TrainConfig, seeds: int) -> str:
                 cells = [_cell(r, "segm", m) for m in METRICS] + [_cell(r, "bbox", m) for m in METRICS]
                 lines.append(f"| {label} | {r['name']} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
     lines.append("")
+    for e in paired_differences(rows):
+        parts = [f"{label} {100 * d['mean']:+.1f} ± {100 * d['std']:.1f} (ahead on {d['reference_ahead']}/"
+                 f"{len(e['seeds'])})" for label, d in e["diff"].items()]
+        lines.append(f"Paired by seed, {e['reference']} minus {e['variant']}: " + "; ".join(parts) + ".")
+        lines.append("")
     for r in rows:
         if "diagnostic" in r:
             d = r["diagnostic"]
@@ -193,7 +225,8 @@ def markdown_table(rows: list[dict], base: TrainConfig, seeds: int) -> str:
 
 def write_report(out: str, rows: list[dict], base: TrainConfig, seeds: int) -> str:
     with open(os.path.join(out, "ablation.json"), "w") as f:
-        json.dump({"config": dataclasses.asdict(base), "seeds": seeds, "variants": rows}, f, indent=1)
+        json.dump({"config": dataclasses.asdict(base), "seeds": seeds, "variants": rows,
+                   "paired_differences": paired_differences(rows)}, f, indent=1)
     table = markdown_table(rows, base, seeds)
     with open(os.path.join(out, "ablation.md"), "w") as f:
         f.write(table)

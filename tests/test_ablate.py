@@ -24,6 +24,10 @@ def torch_backend():
         yield
 
 
+def mask_ap(out, variant: str, seed: int) -> float:
+    return json.loads((out / slug(variant) / f"seed{seed}" / "metrics.json").read_text())["segm"]["AP"]
+
+
 def test_ablate_runs_every_variant_and_seed_and_writes_mean_and_std(tmp_path):
     rows = ablate(tiny(tmp_path, iters=1, val_images=1), seeds=2)
     assert [r["name"] for r in rows] == [name for name, _ in VARIANTS]
@@ -38,6 +42,13 @@ def test_ablate_runs_every_variant_and_seed_and_writes_mean_and_std(tmp_path):
                             [kind][m] for s in (0, 1)]
                 assert row["mean"][kind][m] == pytest.approx(statistics.fmean(per_seed))
                 assert row["std"][kind][m] == pytest.approx(statistics.stdev(per_seed))
+    # paired differences, recomputed from the per-seed metrics: reference minus variant, seed by seed
+    assert [e["comparison"] for e in saved["paired_differences"]] == [c for c, _, _ in COMPARISONS]
+    for e in saved["paired_differences"]:
+        per_seed = [mask_ap(tmp_path, e["reference"], s) - mask_ap(tmp_path, e["variant"], s) for s in (0, 1)]
+        assert e["seeds"] == [0, 1] and e["diff"]["mask AP"]["per_seed"] == pytest.approx(per_seed)
+        assert e["diff"]["mask AP"]["mean"] == pytest.approx(statistics.fmean(per_seed))
+        assert e["diff"]["mask AP"]["reference_ahead"] == sum(d > 0 for d in per_seed)
     softmax = next(r for r in saved["variants"] if r["switches"].get("mask_loss") == "softmax")
     assert set(softmax["diagnostic"]) >= {"foreground_segm_mean", "largest_class_prob", "detections"}
     assert all("diagnostic" not in r for r in saved["variants"] if r is not softmax)
@@ -45,7 +56,7 @@ def test_ablate_runs_every_variant_and_seed_and_writes_mean_and_std(tmp_path):
     for comparison, _, _ in COMPARISONS:
         assert comparison in table
     assert sum(line.startswith("| ") for line in table.splitlines()) == 2 + 2 * len(COMPARISONS)
-    assert "±" in table and "1 - p(background)" in table
+    assert "±" in table and "1 - p(background)" in table and table.count("Paired by seed") == len(COMPARISONS)
     assert (tmp_path / "ablation.png").stat().st_size > 0
     assert (tmp_path / "progress.txt").read_text().startswith(f"ablation {2 * len(VARIANTS)}/{2 * len(VARIANTS)}")
 
