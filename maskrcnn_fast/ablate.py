@@ -59,7 +59,7 @@ COMPARISONS = (  # (comparison, reference variant, variant)
 )
 METRICS = ("AP", "AP50", "AP75")
 # the default budget per run: the demo's schedule, at whose end the baseline's curve flattens (cosine
-# decay to 0); ~9 min a run on the quiet 2-core CPU, ~3 h for 6 variants x 3 seeds (README)
+# decay to 0); 1 h 53 min for 6 variants x 3 seeds with --jobs 2 on the 2-core CPU (README)
 ABLATE_ITERS = 2000
 
 
