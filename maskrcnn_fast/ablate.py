@@ -299,6 +299,9 @@ def ablate(base: TrainConfig, only: list[str] | None = None, seeds: int = 3, job
         progress()
         table = write_report(base.out, summarize(by_variant()), base, seeds)  # partial results stay readable
 
+    def is_softmax(i: int) -> bool:  # a softmax run also gets its diagnostic
+        return plan[i][1].get("mask_loss") == "softmax"
+
     todo = []
     for i, (name, switches, seed) in enumerate(plan):
         cfg = dataclasses.replace(base, out=os.path.join(base.out, slug(name), f"seed{seed}"), seed=seed,
@@ -307,7 +310,7 @@ def ablate(base: TrainConfig, only: list[str] | None = None, seeds: int = 3, job
         if metrics is None:
             todo.append((i, cfg))
         else:  # finished earlier; a softmax run's diagnostic is computed once and stored
-            finish(i, metrics, softmax_diagnostic(cfg.out, cfg) if switches.get("mask_loss") == "softmax" else None)
+            finish(i, metrics, softmax_diagnostic(cfg.out, cfg) if is_softmax(i) else None)
 
     def start(i: int, cfg: TrainConfig) -> TrainConfig:
         resume = os.path.exists(os.path.join(cfg.out, "last.pt"))
@@ -318,10 +321,9 @@ def ablate(base: TrainConfig, only: list[str] | None = None, seeds: int = 3, job
               + (" (resuming)" if resume else "") + (f" -> {cfg.out}/train.log" if jobs > 1 else ""), flush=True)
         return dataclasses.replace(cfg, resume=resume)
 
-    softmax = lambda i: plan[i][1].get("mask_loss") == "softmax"  # noqa: E731
     if jobs == 1:
         for i, cfg in todo:
-            finish(i, *_run_one(start(i, cfg), softmax(i)))
+            finish(i, *_run_one(start(i, cfg), is_softmax(i)))
     elif todo:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         forced = kernels._backend._forced
@@ -330,7 +332,7 @@ def ablate(base: TrainConfig, only: list[str] | None = None, seeds: int = 3, job
             while todo or running:
                 while todo and len(running) < jobs:  # submit only what runs now, so status is true
                     i, cfg = todo.pop(0)
-                    running[pool.submit(_run_one, start(i, cfg), softmax(i), threads, forced)] = i
+                    running[pool.submit(_run_one, start(i, cfg), is_softmax(i), threads, forced)] = i
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for fut in done:
                     finish(running.pop(fut), *fut.result())

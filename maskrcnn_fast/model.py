@@ -42,8 +42,12 @@ class MaskRCNN(nn.Module):
         self.roi_heads = roi_heads_module or RoIHeads(cfg)
         self.register_buffer("image_mean", torch.tensor(cfg.image_mean).view(3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(cfg.image_std).view(3, 1, 1), persistent=False)
-        if cfg.channels_last or (cfg.channels_last is None and torch.cuda.is_available()):
+        if self._channels_last(cuda=torch.cuda.is_available()):
             self.to(memory_format=torch.channels_last)
+
+    def _channels_last(self, cuda: bool) -> bool:
+        """``cfg.channels_last``; its default None means channels-last exactly on CUDA (see the config)."""
+        return self.cfg.channels_last if self.cfg.channels_last is not None else cuda
 
     def forward(self, images, targets: list[dict] | None = None):
         images = _as_image_list(images)
@@ -128,7 +132,7 @@ class MaskRCNN(nn.Module):
         batch = resized[0].new_zeros((len(images), 3, hp, wp))
         for i, x in enumerate(resized):
             batch[i, :, : x.shape[-2], : x.shape[-1]].copy_(x)
-        if cfg.channels_last or (cfg.channels_last is None and batch.device.type == "cuda"):
+        if self._channels_last(cuda=batch.device.type == "cuda"):
             batch = batch.contiguous(memory_format=torch.channels_last)
         gt = None if targets is None else self._pad_targets(targets, images, sizes, (hp, wp), batch.device,
                                                             gt_capacity)
