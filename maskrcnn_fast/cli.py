@@ -42,7 +42,7 @@ def _add_train_args(p):
                    help="mixed precision on CUDA: bf16, or fp16 + GradScaler (default: on with CUDA)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="capture one training step per shape bucket in a CUDA graph and replay it "
-                        "(bf16 or fp32, one process; on CPU the same step runs uncaptured)")
+                        "(bf16 or fp32; with torchrun the step averages gradients itself; on CPU it runs uncaptured)")
     p.add_argument("--gt-capacity", type=int, default=d.gt_capacity,
                    help="ground-truth objects per image a bucket holds (--cuda-graphs)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -98,7 +98,8 @@ def cmd_eval(args) -> int:
     from maskrcnn_fast.data import build_dataset
     from maskrcnn_fast.evaluate import evaluate, format_metrics
     from maskrcnn_fast.predict import load_model
-    from maskrcnn_fast.train import check_out_dir, pick_device
+    from maskrcnn_fast.distributed import pick_device
+    from maskrcnn_fast.train import check_out_dir
 
     from maskrcnn_fast import checkpoint
 
@@ -124,7 +125,7 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     """Detect and segment objects in images: COCO result JSON (RLE masks) + PNG overlays."""
     from maskrcnn_fast.predict import predict
-    from maskrcnn_fast.train import pick_device
+    from maskrcnn_fast.distributed import pick_device
 
     path = predict(args.checkpoint, args.images, args.out, pick_device(args.device, 0), args.score_thresh)
     print(f"wrote {path} and overlays in {args.out}")

@@ -17,6 +17,11 @@ of the batch into the bucket's static inputs plus one replay. On CPU the same co
 so CI tests its logic. A batch that fits no bucket (too many objects, a mixed or short batch) runs the
 same step uncaptured, with a one-line warning: never a silently wrong result.
 
+With several processes (torchrun) the step does DDP's work itself, inside what is captured: rank 0's
+buffers are broadcast before the forward, and one all-reduce after the backward averages the
+gradients together with the loss values, so every rank clips, skips a non-finite step and updates
+alike (:mod:`maskrcnn_fast.distributed`).
+
 Tensors a captured graph reads are kept alive by the bucket (anchors, folded frozen-BN affines), so a
 cache dropping them later (evaluation at other sizes) cannot hand their memory to someone else.
 """
@@ -28,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from maskrcnn_fast.distributed import average_across_ranks, broadcast_from_rank0, process_group_world
 from maskrcnn_fast.errors import UserError
 from maskrcnn_fast.model import (DoesNotFitError, _as_image_list, _check_target_values, _check_targets,
                                  _to_device)
@@ -88,6 +94,9 @@ class GraphedTrainStep:
         self.shapes = bucket_shapes(model.cfg)
         self.buckets: dict[tuple, _Bucket] = {}
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.world = process_group_world()  # 0: no process group, no collectives
+        if self.world:  # as DDP does when it wraps a model: every rank starts from rank 0's weights
+            broadcast_from_rank0(list(model.parameters()) + list(model.buffers()))
         # device state, written only inside the step
         self.it = start_iter
         self.it_t = torch.full((), start_iter, dtype=torch.int64, device=device)
@@ -104,14 +113,21 @@ class GraphedTrainStep:
         """Forward, backward, clip, lr, update, log: device work only (what is captured)."""
         from maskrcnn_fast.train import LOSS_TERMS
 
+        if self.world:  # DDP's broadcast_buffers: rank 0's BatchNorm statistics on every rank
+            broadcast_from_rank0(self.model.buffers())
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None,
                             cache_enabled=False):  # a weight-cast cache would outlive the capture
             losses = self.model.losses(batch, image_hw, gt)
         terms = [losses[k] for k in LOSS_TERMS]
         loss = sum(terms)  # as the eager loop sums them
         values = torch.stack([loss] + terms).detach().float()
-        self.found_inf.copy_(~torch.isfinite(values).all())
         loss.backward()
+        if self.world:  # one all-reduce: gradients and logged losses averaged over ranks
+            for p in self.params:  # a parameter this rank did not use gets DDP's zero gradient
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            average_across_ranks([p.grad for p in self.params] + [values])
+        self.found_inf.copy_(~torch.isfinite(values).all())  # the same on every rank after the average
         if self.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad)
         self.lr_t.copy_(self.base_lr * lr_factor_tensor(self.it_t, self.total, self.warmup, self.schedule))
@@ -224,11 +240,9 @@ class GraphedTrainStep:
         return out
 
 
-def for_training(cfg, model, optimizer, scheduler, base_lr: float, total: int, amp_dtype, start: int, world: int,
+def for_training(cfg, model, optimizer, scheduler, base_lr: float, total: int, amp_dtype, start: int,
                  warn) -> GraphedTrainStep:
     """The graph-mode step of ``train --cuda-graphs`` (a :class:`maskrcnn_fast.train.TrainConfig`)."""
-    if world > 1:
-        raise UserError("--cuda-graphs trains in one process (the captured step has no DDP all-reduce)")
     if cfg.gt_capacity < 1:
         raise UserError(f"--gt-capacity must be >= 1, got {cfg.gt_capacity}")
     return GraphedTrainStep(model, optimizer, scheduler, base_lr=base_lr, total=total, warmup=cfg.warmup_iters,

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from maskrcnn_fast import checkpoint, graphs
 from maskrcnn_fast.checkpoint import rng_state, set_rng_state
 from maskrcnn_fast.data import build_dataset, epoch_batches, make_loader
+from maskrcnn_fast.distributed import Dist, pick_device
 from maskrcnn_fast.errors import NonFiniteLossError, UserError
 from maskrcnn_fast.evaluate import evaluate, format_metrics
 
@@ -162,47 +163,6 @@ def check_out_dir(path: str) -> None:
         raise UserError(f"--out {path} is not writable: {e.strerror or e}") from None
 
 
-class _Dist:
-    """Rank/world from torchrun's environment; one process group per run."""
-
-    def __init__(self, device: torch.device):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.owns_group = False
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            self.owns_group = True
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def mean(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(t)
-            t /= self.world
-        return t
-
-    def close(self) -> None:
-        if self.owns_group:
-            dist.destroy_process_group()
-
-
-def pick_device(name: str | None, local_rank: int) -> torch.device:
-    if name is None:
-        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"bad --device {name!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for CUDA, but no CUDA GPU is available")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    return device
-
-
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training; returns the final metrics. Only rank 0 writes files."""
     from maskrcnn_fast.plots import plot_curves
@@ -216,7 +176,7 @@ def train(cfg: TrainConfig) -> dict:
     device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    ddp = _Dist(device)
+    ddp = Dist(device)
     try:
         return _train(cfg, device, ddp, stored, plot_curves, tqdm)
     finally:
@@ -266,10 +226,10 @@ def _train(cfg, device, ddp, stored, plot_curves, tqdm) -> dict:
     elif not cfg.model_kwargs.get("batch_norm"):
         first = [train_ds[k] for k in epoch_batches(train_ds, cfg.batch_size, 0, cfg.seed)[0]]
         calibrate_frozen_bn(model, [im.to(device) for im, _ in (x for x in first if x is not None)])
-    graphed = graphs.for_training(cfg, model, optimizer, scheduler, lr, total, amp_dtype, start, ddp.world,
+    graphed = graphs.for_training(cfg, model, optimizer, scheduler, lr, total, amp_dtype, start,
                                   tqdm.write) if cfg.cuda_graphs else None
     net = model
-    if ddp.world > 1:
+    if ddp.world > 1 and graphed is None:  # graph mode averages gradients inside its step (graphs.py)
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     workers = cfg.workers if cfg.workers is not None else (0 if device.type == "cpu" else 4)
     log_path = os.path.join(cfg.out, "log.jsonl")

@@ -4,10 +4,12 @@ On CPU the step runs uncaptured (the same code a GPU captures), on the PyTorch b
 compares against plain PyTorch: ``model.losses`` + ``torch.optim.SGD`` + ``LambdaLR`` + clipping.
 The ``gpu`` tests capture and replay on CUDA and compare with the same step run eagerly.
 """
+import contextlib
 import copy
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import kernels
 from maskrcnn_fast import MaskRCNNConfig, checkpoint
@@ -75,12 +77,29 @@ def test_lr_schedule_on_device_equals_host(schedule, warmup):
         assert got == pytest.approx(lr_factor(it, 90, warmup, schedule), rel=1e-12, abs=1e-15), it
 
 
-def test_step_equals_plain_pytorch_training():
-    """Three steps (sampling, clipping, momentum, weight decay, warm-up + cosine lr) against plain PyTorch."""
+@contextlib.contextmanager
+def _one_rank_group(backend, tmp_path):
+    dist.init_process_group(backend, init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("group", [None, "gloo"])
+def test_step_equals_plain_pytorch_training(group, tmp_path):
+    """Three steps (sampling, clipping, momentum, weight decay, warm-up + cosine lr) against plain PyTorch;
+    also inside a one-rank process group, where the step broadcasts buffers and all-reduces gradients."""
     torch.manual_seed(0)
     model = tiny_model().train()
     ref = copy.deepcopy(model)
+    with _one_rank_group(group, tmp_path) if group else contextlib.nullcontext():
+        _three_steps_equal_plain_pytorch(model, ref)
+
+
+def _three_steps_equal_plain_pytorch(model, ref):
     step = _stepper(model)
+    assert step.world == dist.is_initialized()
     ref_opt, ref_sched = _sgd(ref)
     ref_params = [p for p in ref.parameters() if p.requires_grad]
     for i in range(3):
@@ -162,11 +181,11 @@ def test_batch_that_fits_no_bucket_runs_uncaptured_with_a_one_line_warning(case,
     assert values[1:] == pytest.approx([float(want[k]) for k in LOSS_TERMS], rel=1e-5, abs=1e-7)
 
 
-def test_fp16_and_several_processes_are_refused():
+def test_fp16_and_a_bad_capacity_are_refused():
     with pytest.raises(UserError, match="bf16"):
         _stepper(tiny_model(), amp_dtype=torch.float16)
-    with pytest.raises(UserError, match="one process"):
-        for_training(tiny("unused", cuda_graphs=True), None, None, None, 0.01, 4, None, 0, 2, print)
+    with pytest.raises(UserError, match="--gt-capacity must be >= 1"):
+        for_training(tiny("unused", cuda_graphs=True, gt_capacity=0), None, None, None, 0.01, 4, None, 0, print)
 
 
 # ---------------------------------------------------------------------- train --cuda-graphs (uncaptured on CPU)
@@ -218,6 +237,18 @@ def test_train_cuda_graphs_nan_stops_and_keeps_last_good_checkpoint(tmp_path, mo
 def test_capture_and_replay_equal_eager_on_cuda(amp_dtype, rtol):
     """Step 1 runs eagerly (warm-up), step 2 is captured and replayed, step 3 replays: losses and
     weights equal the same three steps run eagerly (up to atomic-add order in RoIAlign's backward)."""
+    _capture_matches_eager(amp_dtype, rtol)
+
+
+@pytest.mark.gpu
+def test_capture_with_nccl_collectives_equals_eager(tmp_path):
+    """The same in a one-rank NCCL process group: the captured step holds the buffer broadcast and
+    the gradient all-reduce of multi-process graph mode (two ranks are tested on CPU, in test_train)."""
+    with _one_rank_group("nccl", tmp_path):
+        _capture_matches_eager(None, 1e-4)
+
+
+def _capture_matches_eager(amp_dtype, rtol):
     with kernels.use_backend("triton"):
         torch.manual_seed(0)
         graphed_model = tiny_model().cuda().train()

@@ -143,29 +143,65 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_cpu_ranks(tmp_path):
+def test_ddp_two_cpu_ranks_eager_and_graph_mode(tmp_path):
+    """Two gloo ranks, eager DDP then ``--cuda-graphs`` (uncaptured on CPU: the step broadcasts rank 0's
+    buffers and all-reduces gradients itself). Graph mode pads ground truth to ``gt_capacity`` slots,
+    which changes which RoIs are sampled, so the eager reference pads the same way (the bucket of these
+    64 px images is 64 x 64); both then see the same per-rank batches and random numbers, and graph
+    mode must log the losses eager DDP logs and end on the same weights."""
     script = tmp_path / "ddp_train.py"
+    eager, graph = tiny(tmp_path / "eager", iters=3), tiny(tmp_path / "graph", iters=3, cuda_graphs=True)
     script.write_text(textwrap.dedent(f"""
         import json, os, torch
         torch.set_num_threads(1)
         import torch.distributed as dist
+        from maskrcnn_fast.model import MaskRCNN
         from maskrcnn_fast.train import TrainConfig, train
-        cfg = TrainConfig(**json.loads({json.dumps(json.dumps(tiny(tmp_path / "out", iters=2).__dict__))}))
-        metrics = train(cfg)
-        with open(os.path.join({str(tmp_path)!r}, f"rank{{os.environ['RANK']}}.json"), "w") as f:
-            json.dump(metrics, f)
+        unpadded = MaskRCNN.transform
+        def padded(self, images, targets, padded_hw=None, gt_capacity=None):
+            if targets is not None:  # training: pad as the graph-mode bucket does
+                padded_hw, gt_capacity = (64, 64), {graph.gt_capacity}
+            return unpadded(self, images, targets, padded_hw, gt_capacity)
+        MaskRCNN.transform = padded
+        dist.init_process_group("gloo")  # one group for both runs (train() leaves a group it did not make)
+        from maskrcnn_fast.distributed import average_across_ranks, broadcast_from_rank0
+        r = dist.get_rank()
+        nhwc = (torch.arange(120.0).view(2, 3, 4, 5) * (r + 1)).to(memory_format=torch.channels_last)
+        ints, grads = torch.arange(4) + 100 * r, torch.tensor([1.0, -2.0]) * (r + 1)
+        broadcast_from_rank0([nhwc, ints])
+        average_across_ranks([grads])
+        torch.save([nhwc, ints, grads], os.path.join({str(tmp_path)!r}, f"collectives{{r}}.pt"))
+        for name, cfg in (("eager", {json.dumps(eager.__dict__)!r}), ("graph", {json.dumps(graph.__dict__)!r})):
+            metrics = train(TrainConfig(**json.loads(cfg)))
+            with open(os.path.join({str(tmp_path)!r}, f"{{name}}-rank{{os.environ['RANK']}}.json"), "w") as f:
+                json.dump(metrics, f)
+        dist.destroy_process_group()
     """))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
            str(script)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = tmp_path / "out"
-    assert [r["iter"] for r in records(out)] == [1, 2]
-    with open(tmp_path / "rank0.json") as f0, open(tmp_path / "rank1.json") as f1:
-        m0, m1 = json.load(f0), json.load(f1)
-    assert m0 == m1  # metrics are computed from all ranks' predictions, the same on every rank
-    with open(out / "metrics.json") as f:
-        assert json.load(f)["segm"] == m0["segm"]
-    ckpt = checkpoint.load(str(out / "last.pt"))
-    assert len(ckpt["rng"]) == 2 and ckpt["iter"] == 2
+    for r in (0, 1):  # the coalesced collectives of graph mode, any memory format and dtype
+        nhwc, ints, grads = torch.load(tmp_path / f"collectives{r}.pt")
+        assert torch.equal(nhwc, torch.arange(120.0).view(2, 3, 4, 5)) and nhwc.is_contiguous(
+            memory_format=torch.channels_last)
+        assert torch.equal(ints, torch.arange(4)) and torch.equal(grads, torch.tensor([1.5, -3.0]))
+    for name in ("eager", "graph"):
+        out = tmp_path / name
+        assert [r["iter"] for r in records(out)] == [1, 2, 3]
+        with open(tmp_path / f"{name}-rank0.json") as f0, open(tmp_path / f"{name}-rank1.json") as f1:
+            m0, m1 = json.load(f0), json.load(f1)
+        assert m0 == m1  # metrics are computed from all ranks' predictions, the same on every rank
+        with open(out / "metrics.json") as f:
+            assert json.load(f)["segm"] == m0["segm"]
+        ckpt = checkpoint.load(str(out / "last.pt"))
+        assert len(ckpt["rng"]) == 2 and ckpt["iter"] == 3
+    for a, b in zip(records(tmp_path / "eager"), records(tmp_path / "graph")):
+        for k in ("loss",) + LOSS_TERMS:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["iter"], k)
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-12)
+    want = checkpoint.load(str(tmp_path / "eager" / "last.pt"))["model"]
+    got = checkpoint.load(str(tmp_path / "graph" / "last.pt"))["model"]
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-6, msg=k)
