@@ -29,7 +29,7 @@ $(STAMP36): $(STAMP)
 	$(PY36) -c "import triton, kernels; assert triton.__version__.startswith('3.6'), triton.__version__"
 	touch $(STAMP36)
 
-.PHONY: install demo test test-triton36 compile-report bench
+.PHONY: install demo test test-triton36 compile-report bench gpu-wheels
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -48,3 +48,11 @@ test-triton36: $(STAMP36)
 
 bench: $(STAMP)
 	$(PY) -m pytest -q bench --benchmark-json=bench/results/latest.json
+
+# Wheels for the lent GPU machine (CPython 3.12, no registry there) of what its image lacks; the device
+# call carries .whl and bench/run_gpu.sh installs them (bench/README.md).
+gpu-wheels:
+	mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl pycocotools

@@ -1,29 +1,37 @@
 #!/usr/bin/env bash
-# One command for a lent GPU: CUDA tests, compute-sanitizer, Nsight Compute, the bench suite, the report and
-# plot, autotuning and the compile audit. Results land in bench/results/<gpu>-<date>.* (and are copied to $OUT
-# when the device tool runs it); tuned configs in kernels/configs/<gpu>.json.
+# One command for a lent GPU, sized for one device call inside a 15-minute lease (the machine's start is
+# counted too, and no second machine starts with under 4 minutes left): the steps run in order of what
+# matters most, each under its own cap, and all of them under DEADLINE seconds of wall time; a step that
+# no longer fits is skipped with a note. After every step the results so far are packed into
+# $OUT/results.tgz, so a call stopped at its limit still brings back what finished.
 #
-# STEPS picks a subset. Everything does not fit one 10-minute device command; split it in two calls:
-#   STEPS="tests sanitize ncu" bash bench/run_gpu.sh   # step timeouts 240 + 150 + 90 + 120 s
-#   STEPS="bench autotune" bash bench/run_gpu.sh        # step timeouts 300 + 180 s
-# (plus ~20 s of start-up each). The compile step needs no GPU (it compiles offline for sm_80/sm_90); run it
-# here only with time to spare.
-# Each step has its own timeout (*_TIMEOUT, seconds) and a missing tool (compute-sanitizer, ncu) skips its
-# step with a note. DRY_RUN=1 prints the commands instead of running them (no GPU needed; its files go to a
-# temporary RESULTS directory).
+#   device run:  bash bench/run_gpu.sh         with timeout_s = DEADLINE + 60 (default DEADLINE 520)
 #
-#   sanitize: compute-sanitizer memcheck (PyTorch's caching allocator off, so out-of-bounds accesses inside a
-#             cached block are caught) and racecheck (shared memory) over the kernel tests, which use small
-#             shapes -> <stem>.sanitizer.txt
-#   ncu:      Nsight Compute on RoIAlign fwd/bwd, batched NMS and the mask loss at model shapes (bench/ncu_ops.py):
-#             achieved DRAM bandwidth as % of peak, DRAM bytes, local-memory (spill) traffic, registers,
-#             occupancy -> <stem>.ncu.csv and <stem>.ncu.md
+# Steps (STEPS picks a subset; the default is the first six, in this order):
+#   gpu           the @pytest.mark.gpu tests: CUDA-graph capture = eager, channels-last training, ...
+#   bench-kernels every kernel vs torchvision at Mask R-CNN shapes (+ bytes moved: % of HBM roofline)
+#   bench-model   training step and inference img/s: ours eager, CUDA graphs, torchvision (batch 8, 800x1216)
+#   memcheck      compute-sanitizer memcheck (PyTorch's caching allocator off, so an out-of-bounds access
+#                 inside a cached block is caught) over the kernel tests' small shapes
+#   ncu           Nsight Compute on RoIAlign fwd/bwd, batched NMS and the mask loss at model shapes
+#                 (bench/ncu_ops.py): DRAM % of peak, DRAM bytes, local-memory traffic, registers, occupancy
+#   tests         the rest of the test suite on CUDA (kernel files first), pytest-xdist when installed
+# and, only when named: racecheck (compute-sanitizer, shared memory), bench-compiled (the inductor-compiled
+# model entries: several minutes of compilation at 800x1216), autotune (kernels/configs/<gpu>.json),
+# compile (the offline audit; needs no GPU).
+#
+# Packages the GPU image lacks (pycocotools) travel as wheels: `make gpu-wheels` here fills .whl/, the
+# device call carries it (carry: [".whl"]) and this script installs them into /tmp/site first.
+# DRY_RUN=1 prints the commands instead of running them (no GPU needed; files go to a temporary RESULTS).
+# Results: bench/results/<gpu>-<date>.* (bench .json/.md/.png, gpu/tests/sanitizer .txt, ncu .csv/.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
-STEPS=${STEPS:-"tests sanitize ncu bench autotune compile"}
+STEPS=${STEPS:-"gpu bench-kernels bench-model memcheck ncu tests"}
+DEADLINE=${DEADLINE:-520}
 DRY_RUN=${DRY_RUN:-0}
 KERNEL_TESTS=${KERNEL_TESTS:-"tests/test_roi_align.py tests/test_nms.py tests/test_mask_loss.py tests/test_mask_targets.py"}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # bench/*.py scripts import kernels from the checkout
 
 exec 3>&2
 run() {  # echo a command (to the script's stderr, whatever the call redirects); run it unless DRY_RUN=1
@@ -35,11 +43,30 @@ find_tool() {  # PATH, then the usual CUDA install places
   ls -d /usr/local/cuda/bin/"$1" /usr/local/cuda-*/bin/"$1" /opt/nvidia/nsight-compute/*/"$1" 2>/dev/null | tail -1
 }
 has() { [[ " $STEPS " == *" $1 "* ]]; }
+begin() {  # begin NAME CAP: sets T, the step's timeout (its cap, cut to what DEADLINE leaves); false = skip
+  local left=$((DEADLINE - SECONDS - 15))
+  T=$(($2 < left ? $2 : left))
+  if [ "$T" -lt 20 ]; then
+    echo "$1: skipped, ${left} s of DEADLINE=${DEADLINE} left" | tee -a "${stem}.skipped.txt" >&3
+    return 1
+  fi
+  echo "=== $1 (${T} s max, $((SECONDS)) s elapsed) ===" >&3
+}
+save() {  # everything so far into $OUT (device tool), newest bench table beside it for a quick look
+  [ -n "${OUT:-}" ] && [ "$DRY_RUN" != 1 ] || return 0
+  tar czf "$OUT/results.tgz" "${stem}".* kernels/configs/*.json 2>/dev/null
+  [ -f "${stem}.md" ] && cp "${stem}.md" "$OUT/bench.md"
+  return 0
+}
 
 if [ "$DRY_RUN" = 1 ]; then
   gpu=dry-run
   RESULTS=${RESULTS:-$(mktemp -d)}
 else
+  if compgen -G ".whl/*.whl" > /dev/null && ! $PY -c "import pycocotools" 2>/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  fi
   gpu=$($PY -c "import torch, re; print(re.sub('[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
 fi
 RESULTS=${RESULTS:-bench/results}
@@ -47,54 +74,91 @@ stem="${RESULTS}/${gpu}-$(date -u +%Y-%m-%d)"
 mkdir -p "$RESULTS"
 if [ "$DRY_RUN" != 1 ]; then
   $PY -c "import torch, triton, torchvision; print('torch', torch.__version__, 'triton', triton.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())" | tee "${stem}.env.txt"
+  $PY -c "import pycocotools" 2>/dev/null || echo "pycocotools missing: tests that evaluate COCO AP fail (make gpu-wheels, carry .whl)" | tee -a "${stem}.env.txt"
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,power.limit --format=csv >> "${stem}.env.txt" 2>&1
 fi
+XDIST=""
+[ "$DRY_RUN" = 1 ] || ! $PY -c "import xdist" 2>/dev/null || XDIST="-n ${XDIST_WORKERS:-8}"
 
-if has tests; then
-  run timeout "${TESTS_TIMEOUT:-240}" $PY -m pytest -q tests -p no:cacheprovider > "${stem}.tests.txt" 2>&1
-  tail -40 "${stem}.tests.txt" 2>/dev/null
-fi
-
-if has sanitize; then
+bench_report() {
+  local files=()
+  for f in "${stem}".kernels.json "${stem}".model.json "${stem}".compiled.json; do [ -f "$f" ] && files+=("$f"); done
+  [ "$DRY_RUN" = 1 ] && files=("${stem}.kernels.json")
+  [ "${#files[@]}" -gt 0 ] && run $PY bench/report.py "${files[@]}" --out "${stem}.md" --plot "${stem}.png"
+}
+bench_step() {  # bench_step NAME CAP JSON_SUFFIX PYTEST_ARGS...
+  local name=$1 cap=$2 suffix=$3
+  shift 3
+  begin "$name" "$cap" || return 0
+  run timeout "$T" $PY -m pytest -q -p no:cacheprovider "$@" --benchmark-json="${stem}.${suffix}.json" \
+    > "${stem}.${name}.txt" 2>&1
+  tail -15 "${stem}.${name}.txt" 2>/dev/null
+  bench_report && [ "$DRY_RUN" != 1 ] && cat "${stem}.md"
+  save
+}
+sanitizer() {  # sanitizer TOOL CAP
+  begin "$1" "$2" || return 0
+  local san
   san=$(find_tool compute-sanitizer)
   [ -z "$san" ] && [ "$DRY_RUN" = 1 ] && san=compute-sanitizer
   if [ -z "$san" ]; then
-    echo "compute-sanitizer not found: sanitize step skipped" | tee "${stem}.sanitizer.txt"
-  else
-    : > "${stem}.sanitizer.txt"
-    for tool in memcheck racecheck; do
-      if [ "$tool" = memcheck ]; then t=${MEMCHECK_TIMEOUT:-150}; else t=${RACECHECK_TIMEOUT:-90}; fi
-      echo "=== compute-sanitizer --tool $tool ($t s max) ===" >> "${stem}.sanitizer.txt"
+    echo "compute-sanitizer not found: $1 skipped" | tee -a "${stem}.sanitizer.txt"
+    return 0
+  fi
+  echo "=== compute-sanitizer --tool $1 ($T s max) ===" >> "${stem}.sanitizer.txt"
+  # shellcheck disable=SC2086
+  run env PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$T" "$san" --tool "$1" --error-exitcode 9 --print-limit 50 \
+    $PY -m pytest -q -x -p no:cacheprovider -m "not slow" $KERNEL_TESTS >> "${stem}.sanitizer.txt" 2>&1
+  echo "exit status $? (9: errors found, 124: timed out; errors found before a time-out are listed above)" \
+    >> "${stem}.sanitizer.txt"
+  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|exit status|passed|failed" "${stem}.sanitizer.txt" 2>/dev/null | tail -6
+  save
+}
+
+for step in $STEPS; do
+  case $step in
+    gpu)
+      begin gpu 100 || continue
+      run timeout "$T" $PY -m pytest -q -p no:cacheprovider -m gpu -rs tests > "${stem}.gpu.txt" 2>&1
+      tail -25 "${stem}.gpu.txt" 2>/dev/null
+      save ;;
+    bench-kernels) bench_step bench-kernels 120 kernels bench/test_bench_kernels.py ;;
+    bench-model) bench_step bench-model 150 model bench/test_bench_model.py -k "not ours_compiled" ;;
+    bench-compiled) bench_step bench-compiled 400 compiled bench/test_bench_model.py -k ours_compiled ;;
+    memcheck | racecheck) sanitizer "$step" 70 ;;
+    ncu)
+      begin ncu 60 || continue
+      ncu_bin=$(find_tool ncu)
+      [ -z "$ncu_bin" ] && [ "$DRY_RUN" = 1 ] && ncu_bin=ncu
+      if [ -z "$ncu_bin" ]; then
+        echo "ncu not found: ncu step skipped" | tee "${stem}.ncu.md"
+        continue
+      fi
+      read -r metrics kernels_re < <($PY bench/ncu_ops.py --print-metrics)
+      run timeout "$T" "$ncu_bin" --profile-from-start off --target-processes all \
+        --kernel-name "$kernels_re" --metrics "$metrics" --csv $PY bench/ncu_ops.py > "${stem}.ncu.csv" 2> "${stem}.ncu.err"
+      echo "ncu exit status $?" >> "${stem}.ncu.err"
+      run $PY bench/ncu_ops.py --summarize "${stem}.ncu.csv" --out "${stem}.ncu.md" || tail -5 "${stem}.ncu.err"
+      save ;;
+    tests)
+      begin tests 600 || continue
       # shellcheck disable=SC2086
-      run env PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$t" "$san" --tool "$tool" --error-exitcode 9 --print-limit 50 \
-        $PY -m pytest -q -x -p no:cacheprovider -m "not slow" $KERNEL_TESTS >> "${stem}.sanitizer.txt" 2>&1
-      echo "exit status $? (9: errors found, 124: timed out)" >> "${stem}.sanitizer.txt"
-    done
-    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|exit status|passed|failed" "${stem}.sanitizer.txt" 2>/dev/null | tail -12
-  fi
-fi
-
-if has ncu; then
-  ncu_bin=$(find_tool ncu)
-  [ -z "$ncu_bin" ] && [ "$DRY_RUN" = 1 ] && ncu_bin=ncu
-  if [ -z "$ncu_bin" ]; then
-    echo "ncu not found: ncu step skipped" | tee "${stem}.ncu.md"
-  else
-    read -r metrics kernels_re < <($PY bench/ncu_ops.py --print-metrics)
-    run timeout "${NCU_TIMEOUT:-120}" "$ncu_bin" --profile-from-start off --target-processes all \
-      --kernel-name "$kernels_re" --metrics "$metrics" --csv $PY bench/ncu_ops.py > "${stem}.ncu.csv" 2> "${stem}.ncu.err"
-    echo "ncu exit status $?" >> "${stem}.ncu.err"
-    run $PY bench/ncu_ops.py --summarize "${stem}.ncu.csv" --out "${stem}.ncu.md" || tail -5 "${stem}.ncu.err"
-  fi
-fi
-
-if has bench; then
-  run timeout "${BENCH_TIMEOUT:-300}" $PY -m pytest -q bench -p no:cacheprovider --benchmark-json="${stem}.json" 2>&1 | tail -15
-  run $PY bench/report.py "${stem}.json" --out "${stem}.md" --plot "${stem}.png" && cat "${stem}.md" 2>/dev/null
-fi
-if has autotune; then run timeout "${AUTOTUNE_TIMEOUT:-180}" $PY bench/autotune.py --shapes maskrcnn; fi
-if has compile; then
-  run timeout "${COMPILE_TIMEOUT:-300}" $PY bench/compile_report.py --json "${stem}.compile.json" > "${stem}.compile.txt"
-  tail -3 "${stem}.compile.txt" 2>/dev/null
-fi
-if [ -n "${OUT:-}" ] && [ "$DRY_RUN" != 1 ]; then cp "${stem}".* "$OUT"/ 2>/dev/null; cp kernels/configs/*.json "$OUT"/ 2>/dev/null; fi
+      run timeout "$T" $PY -m pytest -q -p no:cacheprovider $XDIST -m "not gpu" $KERNEL_TESTS tests \
+        > "${stem}.tests.txt" 2>&1
+      tail -30 "${stem}.tests.txt" 2>/dev/null
+      save ;;
+    autotune)
+      begin autotune 180 || continue
+      run timeout "$T" $PY bench/autotune.py --shapes maskrcnn
+      save ;;
+    compile)
+      begin compile 300 || continue
+      run timeout "$T" $PY bench/compile_report.py --json "${stem}.compile.json" > "${stem}.compile.txt"
+      tail -3 "${stem}.compile.txt" 2>/dev/null
+      save ;;
+    *) echo "unknown step $step (known: gpu bench-kernels bench-model bench-compiled memcheck racecheck ncu tests autotune compile)" >&3 ;;
+  esac
+done
+echo "done in ${SECONDS} s (DEADLINE ${DEADLINE})" >&3
+save
 true

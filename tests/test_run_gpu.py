@@ -20,7 +20,7 @@ def test_script_parses():
 @pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils")
 def test_dry_run_plans_sanitizer_and_ncu(tmp_path):
     env = {**os.environ, "DRY_RUN": "1", "PY": sys.executable, "RESULTS": str(tmp_path),
-           "STEPS": "tests sanitize ncu bench autotune compile"}
+           "STEPS": "gpu bench-kernels bench-model memcheck racecheck ncu tests bench-compiled autotune compile"}
     proc = subprocess.run(["bash", str(ROOT / "bench" / "run_gpu.sh")], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -33,6 +33,19 @@ def test_dry_run_plans_sanitizer_and_ncu(tmp_path):
                    "l1tex__t_bytes_pipe_lsu_mem_local_op_st.sum"):
         assert metric in ncu_line
     assert "bench/ncu_ops.py --summarize" in plan and "bench/compile_report.py --json" in plan
+    assert "-m gpu" in plan and "bench/test_bench_kernels.py" in plan and "-k not ours_compiled" in plan
+    assert "bench/report.py" in plan and "skipped" not in plan  # everything fits a DEADLINE when nothing runs
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils")
+def test_steps_that_no_longer_fit_the_deadline_are_skipped(tmp_path):
+    env = {**os.environ, "DRY_RUN": "1", "PY": sys.executable, "RESULTS": str(tmp_path), "DEADLINE": "30",
+           "STEPS": "gpu bench-kernels"}
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "run_gpu.sh")], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "bench-kernels: skipped" in proc.stderr or "gpu: skipped" in proc.stderr
+    assert "=== gpu (15 s max" not in proc.stderr  # a step never starts with under 20 s
     assert not list((ROOT / "bench" / "results").glob("dry-run-*"))  # a dry run leaves no results behind
 
 
