@@ -97,6 +97,10 @@ class GraphedTrainStep:
         self.world = process_group_world()  # 0: no process group, no collectives
         if self.world:  # as DDP does when it wraps a model: every rank starts from rank 0's weights
             broadcast_from_rank0(list(model.parameters()) + list(model.buffers()))
+        # buffers the forward updates (BatchNorm's running statistics); the frozen ones never change, and
+        # rewriting them would only invalidate the folded frozen-BN affines every step
+        self.running_stats = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                              for b in m.buffers(recurse=False)]
         # device state, written only inside the step
         self.it = start_iter
         self.it_t = torch.full((), start_iter, dtype=torch.int64, device=device)
@@ -113,8 +117,8 @@ class GraphedTrainStep:
         """Forward, backward, clip, lr, update, log: device work only (what is captured)."""
         from maskrcnn_fast.train import LOSS_TERMS
 
-        if self.world:  # DDP's broadcast_buffers: rank 0's BatchNorm statistics on every rank
-            broadcast_from_rank0(self.model.buffers())
+        if self.world and self.running_stats:  # DDP's broadcast_buffers: rank 0's BatchNorm statistics
+            broadcast_from_rank0(self.running_stats)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None,
                             cache_enabled=False):  # a weight-cast cache would outlive the capture
             losses = self.model.losses(batch, image_hw, gt)

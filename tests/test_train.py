@@ -155,8 +155,11 @@ def test_ddp_two_cpu_ranks_eager_and_graph_mode(tmp_path):
         import json, os, torch
         torch.set_num_threads(1)
         import torch.distributed as dist
+        import maskrcnn_fast.train as train_module
         from maskrcnn_fast.model import MaskRCNN
         from maskrcnn_fast.train import TrainConfig, train
+        built, build = [], train_module.build_model
+        train_module.build_model = lambda *a, **kw: built.append(build(*a, **kw)) or built[-1]
         unpadded = MaskRCNN.transform
         def padded(self, images, targets, padded_hw=None, gt_capacity=None):
             if targets is not None:  # training: pad as the graph-mode bucket does
@@ -173,6 +176,8 @@ def test_ddp_two_cpu_ranks_eager_and_graph_mode(tmp_path):
         torch.save([nhwc, ints, grads], os.path.join({str(tmp_path)!r}, f"collectives{{r}}.pt"))
         for name, cfg in (("eager", {json.dumps(eager.__dict__)!r}), ("graph", {json.dumps(graph.__dict__)!r})):
             metrics = train(TrainConfig(**json.loads(cfg)))
+            torch.save(dict(built.pop().named_buffers()), os.path.join({str(tmp_path)!r},
+                                                                      f"{{name}}-buffers{{os.environ['RANK']}}.pt"))
             with open(os.path.join({str(tmp_path)!r}, f"{{name}}-rank{{os.environ['RANK']}}.json"), "w") as f:
                 json.dump(metrics, f)
         dist.destroy_process_group()
@@ -201,6 +206,11 @@ def test_ddp_two_cpu_ranks_eager_and_graph_mode(tmp_path):
         for k in ("loss",) + LOSS_TERMS:
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["iter"], k)
         assert b["lr"] == pytest.approx(a["lr"], rel=1e-12)
+    for r in (0, 1):  # BatchNorm statistics: rank 0's broadcast before every forward, as DDP does
+        want, got = (torch.load(tmp_path / f"{name}-buffers{r}.pt") for name in ("eager", "graph"))
+        assert any("running_mean" in k for k in want)
+        for k, v in want.items():
+            torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-6, msg=f"rank {r} {k}")
     want = checkpoint.load(str(tmp_path / "eager" / "last.pt"))["model"]
     got = checkpoint.load(str(tmp_path / "graph" / "last.pt"))["model"]
     for k, v in want.items():
