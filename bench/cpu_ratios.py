@@ -1,12 +1,13 @@
 """CPU backend vs torchvision's CPU ops: time ratios measured in one process, interleaved.
 
-    python bench/cpu_ratios.py [--quick] [--out bench/results/cpu-ratios.md]
+    python bench/cpu_ratios.py [--quick] [--only SUBSTRING] [--out bench/results/cpu-ratios.md]
 
 The CPU backend (no TRITON_INTERPRET) is what ``make demo`` and every CPU user run, so it must never be
 slower than torchvision's own CPU ops. Each case times ours and torchvision's alternately (min of
 ``--repeat`` runs after a warm-up, so a background blip hits both sides alike) and prints
-``ratio = ours / torchvision`` (lower is better; the goal is <= 1.0, <= 1.5 for NMS). Cases under 10 ms
-take at least 50 runs.
+``ratio = ours / torchvision`` (lower is better; the goal is <= 1.0). Cases under 10 ms take at least
+50 runs. NMS calls torchvision's own compiled NMS, so its ratio is 1 + our wrapper's share: the checks
+that our rule for NaN/inf/-inf needs (~5-10 us) against NMS times from ~0.1 ms (300 boxes) up.
 
 Cases: NMS and batched NMS (80 classes) at 300 / 2k / 10k boxes; RoIAlign forward+backward on one
 level at the box-head shape; multi-level RoIAlign forward+backward (4 FPN levels, as
@@ -113,17 +114,19 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat (a smoke test, not a measurement)")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--out", help="also write the table (markdown) here")
+    p.add_argument("--only", help="run only the cases whose name contains this (e.g. nms)")
     args = p.parse_args(argv)
     repeat = 1 if args.quick else args.repeat
     cases = []
     for n in ((50,) if args.quick else (300, 2000, 10000)):
-        cases.append((f"nms {n} boxes", 1.5, *_nms_case(n, None)))
-        cases.append((f"batched_nms {n} boxes, 80 classes", 1.5, *_nms_case(n, 80)))
+        cases.append((f"nms {n} boxes", 1.0, *_nms_case(n, None)))
+        cases.append((f"batched_nms {n} boxes, 80 classes", 1.0, *_nms_case(n, 80)))
     k, c = (16, 8) if args.quick else (512, 256)
     cases.append((f"roi_align fwd+bwd, 1 level, {k} RoIs x {c} ch, 7x7", 1.0, *_fpn_case(k, c, 1)))
     cases.append((f"multiscale_roi_align fwd+bwd, 4 levels, {k} RoIs x {c} ch, 7x7", 1.0, *_fpn_case(k, c, 4)))
-    if not args.quick:
+    if not args.quick and (not args.only or args.only in "ResNet-50-FPN training step"):
         cases.append(("ResNet-50-FPN training step, 2 x 128x160", 1.0, *_train_step_case()))
+    cases = [c for c in cases if not args.only or args.only in c[0]]
     lines = [f"torch {torch.__version__}, torchvision {torchvision.__version__}, {torch.get_num_threads()} threads, "
              f"min of {repeat} interleaved runs (50 under 10 ms)", "",
              "| case | ours (ms) | torchvision (ms) | ratio | goal |", "| --- | ---: | ---: | ---: | ---: |"]

@@ -25,6 +25,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_INTERPRETED = interpreting()  # as @triton.jit saw it when it decorated our kernels (the same import)
+
+
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Force ``"triton"`` or ``"torch"`` inside the block, whatever the device."""
@@ -39,13 +42,15 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def backend_for(t: torch.Tensor) -> str:
-    """``"triton"`` or ``"torch"`` for a tensor on ``t.device``, following the rule above."""
+    """``"triton"`` or ``"torch"`` for a tensor on ``t.device``, following the rule above. Called on
+    every op, so it reads the interpreter flag as it was when the kernels were decorated (at import,
+    which is when ``@triton.jit`` reads it too) instead of the environment (~1 us a call)."""
     if _forced is not None:
         return _forced
-    if t.device.type == "cuda":
+    if t.is_cuda:
         return "triton"
-    if t.device.type == "cpu":
-        return "triton" if interpreting() else "torch"
+    if t.is_cpu:
+        return "triton" if _INTERPRETED else "torch"
     raise TypeError(f"unsupported device {t.device}: maskrcnn-fast kernels run on CUDA or CPU")
 
 
@@ -95,6 +100,9 @@ def check_tensor(t, name: str, *, ndim: int | None = None, dtypes=None, last_dim
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:
+    first, *rest = tensors.values()
+    if all(t.device == first.device for t in rest):
+        return
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         desc = ", ".join(f"{n} on {d}" for n, d in devices.items())
