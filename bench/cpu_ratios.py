@@ -124,8 +124,9 @@ def main(argv=None) -> int:
     k, c = (16, 8) if args.quick else (512, 256)
     cases.append((f"roi_align fwd+bwd, 1 level, {k} RoIs x {c} ch, 7x7", 1.0, *_fpn_case(k, c, 1)))
     cases.append((f"multiscale_roi_align fwd+bwd, 4 levels, {k} RoIs x {c} ch, 7x7", 1.0, *_fpn_case(k, c, 4)))
-    if not args.quick and (not args.only or args.only in "ResNet-50-FPN training step"):
-        cases.append(("ResNet-50-FPN training step, 2 x 128x160", 1.0, *_train_step_case()))
+    step_name = "ResNet-50-FPN training step, 2 x 128x160"
+    if not args.quick and (not args.only or args.only in step_name):
+        cases.append((step_name, 1.0, *_train_step_case()))
     cases = [c for c in cases if not args.only or args.only in c[0]]
     lines = [f"torch {torch.__version__}, torchvision {torchvision.__version__}, {torch.get_num_threads()} threads, "
              f"min of {repeat} interleaved runs (50 under 10 ms)", "",

@@ -2,7 +2,8 @@
 # One command for a lent GPU, sized for one device call inside a 15-minute lease (the machine's start is
 # counted too, and no second machine starts with under 4 minutes left): the steps run in order of what
 # matters most, each under its own cap, and all of them under DEADLINE seconds of wall time; a step that
-# no longer fits is skipped with a note. After every step the results so far are packed into
+# no longer fits is skipped with a note. pytest steps are stopped with SIGINT (then KILL 15 s later), so
+# pytest still writes its summary and pytest-benchmark its JSON for what finished. After every step the results so far are packed into
 # $OUT/results.tgz, so a call stopped at its limit still brings back what finished.
 #
 #   device run:  bash bench/run_gpu.sh         with timeout_s = DEADLINE + 60 (default DEADLINE 520)
@@ -44,7 +45,7 @@ find_tool() {  # PATH, then the usual CUDA install places
 }
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 begin() {  # begin NAME CAP: sets T, the step's timeout (its cap, cut to what DEADLINE leaves); false = skip
-  local left=$((DEADLINE - SECONDS - 15))
+  local left=$((DEADLINE - SECONDS - 30))  # room for a step's own 15 s of grace after its timeout
   T=$(($2 < left ? $2 : left))
   if [ "$T" -lt 20 ]; then
     echo "$1: skipped, ${left} s of DEADLINE=${DEADLINE} left" | tee -a "${stem}.skipped.txt" >&3
@@ -90,7 +91,7 @@ bench_step() {  # bench_step NAME CAP JSON_SUFFIX PYTEST_ARGS...
   local name=$1 cap=$2 suffix=$3
   shift 3
   begin "$name" "$cap" || return 0
-  run timeout "$T" $PY -m pytest -q -p no:cacheprovider "$@" --benchmark-json="${stem}.${suffix}.json" \
+  run timeout -s INT -k 15 "$T" $PY -m pytest -q -p no:cacheprovider "$@" --benchmark-json="${stem}.${suffix}.json" \
     > "${stem}.${name}.txt" 2>&1
   tail -15 "${stem}.${name}.txt" 2>/dev/null
   bench_report && [ "$DRY_RUN" != 1 ] && cat "${stem}.md"
@@ -119,7 +120,7 @@ for step in $STEPS; do
   case $step in
     gpu)
       begin gpu 100 || continue
-      run timeout "$T" $PY -m pytest -q -p no:cacheprovider -m gpu -rs tests > "${stem}.gpu.txt" 2>&1
+      run timeout -s INT -k 15 "$T" $PY -m pytest -q -p no:cacheprovider -m gpu -rs tests > "${stem}.gpu.txt" 2>&1
       tail -25 "${stem}.gpu.txt" 2>/dev/null
       save ;;
     bench-kernels) bench_step bench-kernels 120 kernels bench/test_bench_kernels.py ;;
@@ -143,7 +144,7 @@ for step in $STEPS; do
     tests)
       begin tests 600 || continue
       # shellcheck disable=SC2086
-      run timeout "$T" $PY -m pytest -q -p no:cacheprovider $XDIST -m "not gpu" $KERNEL_TESTS tests \
+      run timeout -s INT -k 15 "$T" $PY -m pytest -q -p no:cacheprovider $XDIST -m "not gpu" $KERNEL_TESTS tests \
         > "${stem}.tests.txt" 2>&1
       tail -30 "${stem}.tests.txt" 2>/dev/null
       save ;;

@@ -5,7 +5,7 @@ torchvision's compiled CPU NMS; the rule it follows and the Triton kernels are i
 the boxes are already in our order, and strictly decreasing stand-in scores (-position) keep
 torchvision's own sort from reordering ties; boxes that take no part (a non-finite coordinate, padding)
 become all-NaN boxes, whose IoU with anything is NaN, never above the threshold. With class ids and up
-to ``PER_CLASS_ABOVE`` (1000) boxes, every class is moved along x into a strip of its own (dense class
+to ``PER_CLASS_ABOVE`` (1000) boxes (not fp64), every class is moved along x into a strip of its own (dense class
 rank r: shift r * (2 * span + 1), span = the image's extent of finite x), so boxes of different classes
 are disjoint (IoU 0 or NaN) and one call does all classes. The shift is done in fp64 so that it does not
 round fp32 coordinates of ordinary size; the IoU is then computed in fp64, which changes a decision only
@@ -72,11 +72,14 @@ def _torch_nms_image(boxes, cls, live, iou_threshold):
     """Kept positions (ascending = by score) of one image's sorted boxes ``[N,4]``, through torchvision's nms.
 
     Boxes that take no part (``~live``) become all-NaN: their IoU is NaN, so they neither suppress nor
-    are suppressed. Up to ``PER_CLASS_ABOVE`` boxes, classes go into x strips and one call (fp64, so the
-    shift rounds nothing); above it, one call per class on that class's boxes, whose boundaries are read
+    are suppressed. Up to ``PER_CLASS_ABOVE`` boxes of fp32/fp16/bf16, classes go into x strips and one call
+    (fp64, so the shift rounds nothing); above it, or for fp64 boxes, one call per class on that class's
+    boxes, whose boundaries are read
     on the host -- a sync, free on the CPU this runs on -- so that the work is sum(n_c^2), not N^2."""
     N = boxes.shape[0]
-    strips = cls is not None and N <= PER_CLASS_ABOVE
+    # strips are shifted in fp64, exact for fp32/fp16/bf16 coordinates only (fp64 ones could round, and
+    # near the top of fp64's range the strip width itself overflows)
+    strips = cls is not None and N <= PER_CLASS_ABOVE and boxes.dtype != torch.float64
     dtype = torch.float64 if strips else compute_dtype(boxes.dtype)
     bx = torch.where(live[:, None], boxes.to(dtype), float("nan"))
     stand_in = -torch.arange(N, device=boxes.device, dtype=dtype)  # strictly decreasing: our order
@@ -136,6 +139,8 @@ def _torch_nms_flat_common_case(boxes, scores, idxs, iou_threshold):
         return None
     if idxs is None:
         dtype = compute_dtype(boxes.dtype)
+        if scores.dtype == torch.float64 and dtype != torch.float64:
+            return None  # fp64 scores rounded to fp32 could tie and reorder: the general path sorts them as they are
         return _tv_nms(_as(boxes, dtype), _as(scores, dtype), iou_threshold)
     if boxes.shape[0] > PER_CLASS_ABOVE or boxes.dtype == torch.float64:
         return None  # per-class calls (large N); fp64 coordinates could round when shifted

@@ -241,7 +241,8 @@ def _sorted_inputs(boxes, scores, idxs):
     s_sorted = s.gather(1, order)
     n_valid = (s_sorted > float("-inf")).sum(1)
     boxes_sorted = boxes.gather(1, order[..., None].expand(-1, -1, 4)).contiguous()
-    cls_sorted = idxs.gather(1, order).to(torch.int32).contiguous() if idxs is not None else None
+    # int64 ids in the kernel too (8 bytes a box): an int32 copy would merge ids 2**32 apart
+    cls_sorted = idxs.gather(1, order).to(torch.int64).contiguous() if idxs is not None else None
     return order, boxes_sorted, cls_sorted, n_valid
 
 

@@ -29,6 +29,7 @@ class Dist:
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
             self.owns_group = True
+        self.host_group = host_group() if self.world > 1 else None
 
     @property
     def main(self) -> bool:
@@ -40,8 +41,18 @@ class Dist:
             t /= self.world
         return t
 
+    def all_true(self, flag: bool) -> bool:
+        """``flag`` and'ed over the ranks, on the host (gloo): for decisions every rank must take alike."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([0 if flag else 1])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
+        return int(t) == 0
+
     def close(self) -> None:
         if self.owns_group:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()  # nothing of ours (a replayed graph's collectives) still in flight
             dist.destroy_process_group()
 
 
@@ -62,6 +73,19 @@ def pick_device(name: str | None, local_rank: int) -> torch.device:
 def process_group_world() -> int:
     """The default process group's size, or 0 when there is none (a plain single-process run)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 0
+
+
+def host_group():
+    """A gloo group over every rank, for small host-side agreements (an NCCL group would need the GPU);
+    a collective call: every rank makes it at the same point."""
+    return dist.new_group(backend="gloo")
+
+
+def same_on_all_ranks(value: int, group) -> bool:
+    """Whether every rank passed the same ``value`` (one host all-reduce of two integers)."""
+    t = torch.tensor([value, -value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t[0]) == -int(t[1])
 
 
 def _coalesced(tensors, collective) -> None:

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from maskrcnn_fast.distributed import average_across_ranks, broadcast_from_rank0, process_group_world
+from maskrcnn_fast.distributed import (average_across_ranks, broadcast_from_rank0, host_group, process_group_world,
+                                       same_on_all_ranks)
 from maskrcnn_fast.errors import UserError
 from maskrcnn_fast.model import (DoesNotFitError, _as_image_list, _check_target_values, _check_targets,
                                  _to_device)
@@ -95,6 +96,7 @@ class GraphedTrainStep:
         self.buckets: dict[tuple, _Bucket] = {}
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.world = process_group_world()  # 0: no process group, no collectives
+        self.host_group = host_group() if self.world else None
         if self.world:  # as DDP does when it wraps a model: every rank starts from rank 0's weights
             broadcast_from_rank0(list(model.parameters()) + list(model.buffers()))
         # buffers the forward updates (BatchNorm's running statistics); the frozen ones never change, and
@@ -107,7 +109,7 @@ class GraphedTrainStep:
         self.lr_t = torch.zeros((), dtype=torch.float32, device=device)  # fused SGD reads a float32 lr
         self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
         self.history = torch.zeros(read_every, 6, dtype=torch.float32, device=device)
-        self.pending, self.fallbacks, self._t_read = 0, 0, time.perf_counter()
+        self.pending, self.fallbacks, self.disagreements, self._t_read = 0, 0, 0, time.perf_counter()
         group = optimizer.param_groups[0]
         group.update(lr=self.lr_t, fused=True, foreach=False)
         optimizer.found_inf = self.found_inf  # fused SGD skips the whole update while this is 1
@@ -163,9 +165,18 @@ class GraphedTrainStep:
         images = _as_image_list(images)
         _check_targets(images, targets)
         bucket, inputs, why = self._prepare(images, targets)
+        if self.world and not same_on_all_ranks(-1 if bucket is None else self.shapes.index(bucket.shape[1:3]),
+                                                self.host_group) and bucket is not None:
+            # NCCL wants every rank to replay the same captured collectives, or none: each rank decides from
+            # its own batch (wide or tall, fits or not), so they agree first, on the host, or all run uncaptured
+            bucket, why = None, "another rank's batch goes to another bucket or to none"
+            self.disagreements += 1
         if bucket is None:
             self.fallbacks += 1
-            self.warn(f"iteration {self.it + 1}: {why}; this step runs uncaptured")
+            other = why.startswith("another rank")  # frequent with two aspect-ratio groups: 1st, 101st, ... told
+            if not other or self.disagreements % 100 == 1:
+                count = f" ({self.disagreements} such steps so far)" if other else ""
+                self.warn(f"iteration {self.it + 1}: {why}; this step runs uncaptured{count}")
             self._eager(inputs)
         elif bucket.graph is not None:
             bucket.graph.replay()

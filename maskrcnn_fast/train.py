@@ -280,7 +280,8 @@ def _train(cfg, device, ddp, stored, plot_curves, tqdm) -> dict:
             t0 = time.perf_counter()
             images, targets, n_skipped = next(loader_iter)
             skipped += n_skipped
-            if not images:
+            if not ddp.all_true(bool(images)):  # a rank left with no image: all skip the step (collectives)
+                skipped += len(images)
                 continue
             images = [im.to(device, non_blocking=True) for im in images]
             targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}

@@ -242,16 +242,26 @@ def test_capture_and_replay_equal_eager_on_cuda(amp_dtype, rtol):
 
 @pytest.mark.gpu
 def test_capture_with_nccl_collectives_equals_eager(tmp_path):
-    """The same in a one-rank NCCL process group: the captured step holds the buffer broadcast and
-    the gradient all-reduce of multi-process graph mode (two ranks are tested on CPU, in test_train)."""
+    """The same in a one-rank NCCL process group, with trainable BatchNorm: the captured step holds the
+    BatchNorm-statistics broadcast, the gradient all-reduce and the host-side bucket agreement of
+    multi-process graph mode (two ranks are tested on CPU, in test_train); the running statistics
+    the graph updates equal eager's."""
     with _one_rank_group("nccl", tmp_path):
-        _capture_matches_eager(None, 1e-4)
+        graphed, graphed_model, eager_model = _capture_matches_eager(None, 1e-4, batch_norm=True)
+    assert graphed.world == 1 and graphed.running_stats
+    for (name, b), c in zip(graphed_model.named_buffers(), eager_model.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def _capture_matches_eager(amp_dtype, rtol):
+def _capture_matches_eager(amp_dtype, rtol, batch_norm=False):
+    from maskrcnn_fast.train import _use_batch_norm
+
     with kernels.use_backend("triton"):
         torch.manual_seed(0)
-        graphed_model = tiny_model().cuda().train()
+        graphed_model = tiny_model()
+        if batch_norm:
+            _use_batch_norm(graphed_model.backbone)
+        graphed_model = graphed_model.cuda().train()
         eager_model = copy.deepcopy(graphed_model)
         graphed, eager = _stepper(graphed_model, True, amp_dtype), _stepper(eager_model, False, amp_dtype)
         for i in range(3):
@@ -269,3 +279,5 @@ def _capture_matches_eager(amp_dtype, rtol):
         before = graphed.buckets[next(iter(graphed.buckets))].graph
         assert graphed.step(images, targets, read=True)[0][1] != rows[0]
         assert graphed.buckets[next(iter(graphed.buckets))].graph is before
+        eager.step(images, targets, read=True)  # the same 4 steps on both, for the caller's comparisons
+    return graphed, graphed_model, eager_model

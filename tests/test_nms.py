@@ -490,3 +490,36 @@ def test_cpu_backend_survives_torchvision_nms_patched_to_ours(monkeypatch):
     with kernels.use_backend("torch"):
         assert torch.equal(nms(boxes, scores, 0.5), ref)
         assert torch.equal(batched_nms(boxes, scores, idxs, 0.5), ref_batched)
+
+
+def test_class_ids_2_to_the_32_apart_stay_apart(backend):
+    """Class ids travel as int64 all the way: ids 0 and 2**32 (equal in an int32 copy) never suppress
+    each other, on either backend, padded or drop-in."""
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0.5, 0, 10, 10], [0, 0.5, 10, 10]])
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    idxs = torch.tensor([0, 2**32, 0])
+    assert batched_nms(boxes, scores, idxs, 0.5).tolist() == [0, 1]
+    keep, num = nms_padded(boxes[None], scores[None], 0.5, 3, idxs=idxs[None])
+    assert keep[0, :int(num[0])].tolist() == [0, 1]
+
+
+def test_fp64_scores_are_ordered_as_they_are(backend):
+    """fp32 boxes with fp64 scores that differ below fp32's resolution: the higher score wins (a copy of
+    the scores in fp32 would tie them and keep the first)."""
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0.0, 0, 10, 10]])
+    scores = torch.tensor([1.0, 1.0 + 1e-12], dtype=torch.float64)
+    assert nms(boxes, scores, 0.5).tolist() == [1]
+    assert batched_nms(boxes, scores, torch.tensor([3, 3]), 0.5).tolist() == [1]
+
+
+def test_fp64_boxes_near_the_top_of_the_range_with_classes(backend):
+    """Per-class NMS of fp64 boxes whose extent is too large to shift classes apart (the strip width
+    would overflow to inf): each class still suppresses within itself, as torchvision's nms per class."""
+    a, d = 1e308, 1e300  # boxes 1e300 wide (finite areas) at +-1e308: the extent, 2e308, is past fp64's max
+    boxes = torch.tensor([[a, 0, a + d, 1], [a + d / 100, 0, a + d, 1], [-a, 0, -a + d, 1],
+                          [-a + d / 100, 0, -a + d, 1]], dtype=torch.float64)
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6], dtype=torch.float64)
+    idxs = torch.tensor([0, 0, 1, 1])
+    ref = torch.cat([torchvision.ops.nms(boxes[idxs == c], scores[idxs == c], 0.5).add(2 * c) for c in (0, 1)])
+    assert ref.tolist() == [0, 2]
+    assert batched_nms(boxes, scores, idxs, 0.5).tolist() == ref.tolist()

@@ -174,6 +174,23 @@ def test_ddp_two_cpu_ranks_eager_and_graph_mode(tmp_path):
         broadcast_from_rank0([nhwc, ints])
         average_across_ranks([grads])
         torch.save([nhwc, ints, grads], os.path.join({str(tmp_path)!r}, f"collectives{{r}}.pt"))
+        # host-side agreements: a step every rank must take alike, and the bucket of a graph-mode step
+        import sys
+        sys.path.insert(0, "tests")
+        from maskrcnn_fast.distributed import Dist
+        from test_graphs import _batch, _stepper
+        from test_model import tiny_model
+        ddp = Dist(torch.device("cpu"))
+        MaskRCNN.transform = unpadded  # the stepper pads to its own buckets
+        agreed = [ddp.all_true(r == 0), ddp.all_true(True)]
+        told = []
+        stepper = _stepper(tiny_model().train(), warn=told.append)
+        wide, tall = ((64, 80), (60, 90)), ((80, 64), (90, 60))
+        stepper.step(*_batch(0, wide if r == 0 else tall))  # rank 0 wide, rank 1 tall: both run uncaptured
+        stepper.step(*_batch(1, wide))  # both wide: the bucket
+        torch.save([agreed, told, stepper.fallbacks, stepper.disagreements, len(stepper.buckets)],
+                   os.path.join({str(tmp_path)!r}, f"agreements{{r}}.pt"))
+        MaskRCNN.transform = padded
         for name, cfg in (("eager", {json.dumps(eager.__dict__)!r}), ("graph", {json.dumps(graph.__dict__)!r})):
             metrics = train(TrainConfig(**json.loads(cfg)))
             torch.save(dict(built.pop().named_buffers()), os.path.join({str(tmp_path)!r},
@@ -192,6 +209,10 @@ def test_ddp_two_cpu_ranks_eager_and_graph_mode(tmp_path):
         assert torch.equal(nhwc, torch.arange(120.0).view(2, 3, 4, 5)) and nhwc.is_contiguous(
             memory_format=torch.channels_last)
         assert torch.equal(ints, torch.arange(4)) and torch.equal(grads, torch.tensor([1.5, -3.0]))
+        agreed, told, fallbacks, disagreements, buckets = torch.load(tmp_path / f"agreements{r}.pt")
+        assert agreed == [False, True], r
+        assert (fallbacks, disagreements, buckets) == (1, 1, 1 + r), r  # rank 1 also made its "tall" bucket
+        assert len(told) == 1 and told[0].startswith("iteration 1: another rank's batch goes to another bucket")
     for name in ("eager", "graph"):
         out = tmp_path / name
         assert [r["iter"] for r in records(out)] == [1, 2, 3]
