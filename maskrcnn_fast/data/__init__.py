@@ -7,9 +7,10 @@
   it is both the training and the evaluation set unless ``--val-data`` names another;
 * ``coins`` — scikit-image's coins photograph, a one-image real-photo sanity set.
 
-The order of training samples is a pure function of ``(seed, epoch)``: ``epoch_batches`` shards the
-dataset with ``DistributedSampler``, groups indices of similar aspect ratio into batches (as
-torchvision's references do) and draws each sample's horizontal flip. Resuming at iteration ``k``
+The order of training samples is a pure function of ``(seed, epoch)``: ``epoch_batches`` orders the
+dataset as ``DistributedSampler`` does, groups indices of similar aspect ratio into batches (as
+torchvision's references do; batch k has the same group on every rank) and draws each sample's
+horizontal flip. Resuming at iteration ``k``
 therefore just skips the first batches of the current epoch, without loading them.
 """
 from __future__ import annotations
@@ -52,28 +53,35 @@ def epoch_batches(dataset, batch_size: int, epoch: int, seed: int, rank: int = 0
                   flip: bool = True, shuffle: bool = True) -> list[list[tuple[int, bool]]]:
     """This rank's batches of ``(index, flip)`` for one epoch, deterministic in ``(seed, epoch)``.
 
-    Every rank gets the same number of batches (``DistributedSampler`` pads), so DDP ranks step together.
-    Incomplete aspect-ratio groups are merged into a last batch as in torchvision's GroupedBatchSampler.
+    Batches are formed for all ranks at once: ``batch_size * world_size`` samples of one aspect-ratio
+    group make a global batch, and rank r takes every ``world_size``-th of them, so batch k has the same
+    group on every rank (graph mode under torchrun then replays the same bucket everywhere instead of
+    falling back). Incomplete groups are merged into the last batches, as in torchvision's
+    GroupedBatchSampler. The order is ``DistributedSampler``'s, padded as it pads, so every rank gets
+    the same number of batches and DDP ranks step together; with one process this is the plain
+    single-rank grouping.
     """
-    sampler = DistributedSampler(range(len(dataset)), num_replicas=world_size, rank=rank, shuffle=shuffle,
-                                 seed=seed, drop_last=False)
+    sampler = DistributedSampler(range(len(dataset)), num_replicas=1, rank=0, shuffle=shuffle, seed=seed,
+                                 drop_last=False)
     sampler.set_epoch(epoch)
     indices = list(sampler)
+    total = -(-len(indices) // world_size) * world_size
+    indices += (indices * (-(-(total - len(indices)) // max(1, len(indices)))))[:total - len(indices)]
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     flips = (torch.rand(len(indices), generator=gen) < 0.5).tolist() if flip else [False] * len(indices)
     groups = aspect_groups(dataset.aspect_ratios())
+    span = batch_size * world_size
     buckets: dict[int, list] = {}
     batches = []
     for idx, f in zip(indices, flips):
         bucket = buckets.setdefault(int(groups[idx]), [])
         bucket.append((idx, f))
-        if len(bucket) == batch_size:
+        if len(bucket) == span:
             batches.append(list(bucket))
             bucket.clear()
     leftover = [item for g in sorted(buckets) for item in buckets[g]]
-    batches += [leftover[i:i + batch_size] for i in range(0, len(leftover), batch_size)]
-    n = -(-len(indices) // batch_size)  # the same count on every rank
-    return batches[:n]
+    batches += [leftover[i:i + span] for i in range(0, len(leftover), span)]
+    return [b[rank::world_size] for b in batches]  # every global batch holds a multiple of world_size
 
 
 def collate(items):
