@@ -103,10 +103,8 @@ def check_same_device(**tensors: torch.Tensor) -> None:
     first, *rest = tensors.values()
     if all(t.device == first.device for t in rest):
         return
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) > 1:
-        desc = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise InputError(f"tensors must be on one device: {desc}")
+    desc = ", ".join(f"{n} on {t.device}" for n, t in tensors.items())
+    raise InputError(f"tensors must be on one device: {desc}")
 
 
 def assert_in_range(values: torch.Tensor, low: int, high: int, msg: str) -> None:

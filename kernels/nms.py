@@ -37,6 +37,7 @@ Bytes moved, per image with N boxes (W = ceil(N / 64) words, e = 2, 4 or 8 bytes
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 import struct
 
@@ -334,10 +335,9 @@ def _dispatch_batched_nms(boxes, scores, idxs, iou_threshold):
         return _batched_nms(boxes, scores, idxs, iou_threshold)
     if iou_threshold < 0 or boxes.shape[0] == 0:
         return _batched_nms_impl(boxes, scores, idxs, iou_threshold)
-    if torch.is_autocast_enabled("cpu" if boxes.is_cpu else boxes.device.type):
-        with no_autocast(boxes.device):
-            return torch_batched_nms(boxes, scores, idxs, _fp32(iou_threshold))
-    return torch_batched_nms(boxes, scores, idxs, _fp32(iou_threshold))
+    autocast_on = torch.is_autocast_enabled("cpu" if boxes.is_cpu else boxes.device.type)
+    with no_autocast(boxes.device) if autocast_on else contextlib.nullcontext():
+        return torch_batched_nms(boxes, scores, idxs, _fp32(iou_threshold))
 
 
 @_batched_nms.register_fake

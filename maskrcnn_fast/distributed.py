@@ -45,9 +45,7 @@ class Dist:
         """``flag`` and'ed over the ranks, on the host (gloo): for decisions every rank must take alike."""
         if self.world == 1:
             return flag
-        t = torch.tensor([0 if flag else 1])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
-        return int(t) == 0
+        return same_on_all_ranks(int(flag), self.host_group) and flag
 
     def close(self) -> None:
         if self.owns_group:

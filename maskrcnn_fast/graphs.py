@@ -165,12 +165,13 @@ class GraphedTrainStep:
         images = _as_image_list(images)
         _check_targets(images, targets)
         bucket, inputs, why = self._prepare(images, targets)
-        if self.world and not same_on_all_ranks(-1 if bucket is None else self.shapes.index(bucket.shape[1:3]),
-                                                self.host_group) and bucket is not None:
+        if self.world:
             # NCCL wants every rank to replay the same captured collectives, or none: each rank decides from
             # its own batch (wide or tall, fits or not), so they agree first, on the host, or all run uncaptured
-            bucket, why = None, "another rank's batch goes to another bucket or to none"
-            self.disagreements += 1
+            plan = -1 if bucket is None else self.shapes.index(bucket.shape[1:3])
+            if not same_on_all_ranks(plan, self.host_group) and bucket is not None:  # every rank asks
+                bucket, why = None, "another rank's batch goes to another bucket or to none"
+                self.disagreements += 1
         if bucket is None:
             self.fallbacks += 1
             other = why.startswith("another rank")  # frequent with two aspect-ratio groups: 1st, 101st, ... told

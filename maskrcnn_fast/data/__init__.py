@@ -66,7 +66,7 @@ def epoch_batches(dataset, batch_size: int, epoch: int, seed: int, rank: int = 0
     sampler.set_epoch(epoch)
     indices = list(sampler)
     total = -(-len(indices) // world_size) * world_size
-    indices += (indices * (-(-(total - len(indices)) // max(1, len(indices)))))[:total - len(indices)]
+    indices = (indices * world_size)[:total]  # padded from the start, as DistributedSampler pads
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     flips = (torch.rand(len(indices), generator=gen) < 0.5).tolist() if flip else [False] * len(indices)
     groups = aspect_groups(dataset.aspect_ratios())
