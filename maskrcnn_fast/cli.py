@@ -155,7 +155,7 @@ def cmd_selfcheck(args) -> int:
     """Run every kernel on small random inputs and compare with torchvision."""
     from maskrcnn_fast.selfcheck import run
 
-    return run()
+    return run(args.device, args.backend)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,7 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run detached, logging to OUT/ablate.log; progress in OUT/progress.txt")
     p.set_defaults(func=cmd_ablate)
 
-    sub.add_parser("selfcheck", help=cmd_selfcheck.__doc__).set_defaults(func=cmd_selfcheck)
+    p = sub.add_parser("selfcheck", help=cmd_selfcheck.__doc__)
+    p.add_argument("--backend", choices=("auto", "triton", "torch", "all"), default="auto",
+                   help="auto: the Triton kernels on CUDA; on CPU both the PyTorch backend and the Triton "
+                        "kernels in Triton's interpreter (a child process with TRITON_INTERPRET=1)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.set_defaults(func=cmd_selfcheck)
     return parser
 
 

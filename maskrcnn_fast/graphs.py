@@ -12,9 +12,13 @@ What varies between batches of one bucket is data, never shape or control flow:
              and before every checkpoint or evaluation.
 
 On CUDA the first step of a bucket runs eagerly on a side stream (Triton compiles its kernels, caches
-fill, momentum buffers are created), the second is captured and replayed, every later one is a copy
-of the batch into the bucket's static inputs plus one replay. On CPU the same code runs uncaptured,
-so CI tests its logic. A batch that fits no bucket (too many objects, a mixed or short batch) runs the
+fill, momentum buffers are created) and is captured at once, in the same call: nothing can run between
+the warm-up and the capture (another bucket's step, an evaluation at other sizes) and evict a cache
+entry the capture needs, which would then be rebuilt from host data inside the capture and fail it.
+That holds for every shape-keyed cache, present or future, whatever its eviction policy. Every later
+step of the bucket is a copy of the batch into the bucket's static inputs plus one replay. On CPU the
+same code runs uncaptured, so CI tests its logic (tests/test_graphs.py also records on CPU what CUDA would
+capture, and counts its syncs and tensors made from host data). A batch that fits no bucket (too many objects, a mixed or short batch) runs the
 same step uncaptured, with a one-line warning: never a silently wrong result.
 
 With several processes (torchrun) the step does DDP's work itself, inside what is captured: rank 0's
@@ -27,7 +31,7 @@ cache dropping them later (evaluation at other sizes) cannot hand their memory t
 """
 from __future__ import annotations
 
-import math
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -38,9 +42,9 @@ from maskrcnn_fast.distributed import (average_across_ranks, broadcast_from_rank
 from maskrcnn_fast.errors import UserError
 from maskrcnn_fast.model import (DoesNotFitError, _as_image_list, _check_target_values, _check_targets,
                                  _to_device)
+from maskrcnn_fast.schedule import LOSS_TERMS, lr_factor, lr_factor_tensor
 
 READ_EVERY = 20  # steps between reads of the loss ring buffer (the only host sync of graph mode)
-WARMUP_STEPS = 1  # eager steps of a bucket before it is captured
 
 
 def bucket_shapes(cfg) -> list[tuple[int, int]]:
@@ -51,21 +55,10 @@ def bucket_shapes(cfg) -> list[tuple[int, int]]:
     return [(short, long)] if short == long else [(short, long), (long, short)]
 
 
-def lr_factor_tensor(it: torch.Tensor, total: int, warmup: int, schedule: str) -> torch.Tensor:
-    """:func:`maskrcnn_fast.train.lr_factor` on the device (fp64) for a 0-d integer iteration ``it``."""
-    t = it.double()
-    warm = ((t + 1) / warmup).clamp(max=1.0) if warmup > 0 else torch.ones_like(t)
-    if schedule == "cosine":
-        return warm * 0.5 * (1 + torch.cos(math.pi * t.clamp(max=total) / max(1, total)))
-    drops = sum((t >= int(total * f)).double() for f in (2 / 3, 8 / 9))
-    return warm * torch.pow(0.1, drops)
-
-
 @dataclass
 class _Bucket:
     shape: tuple                       # (B, Hp, Wp, G)
     inputs: tuple | None = None        # static batch, image_hw, gt dict
-    eager_steps: int = 0
     graph: object = None               # torch.cuda.CUDAGraph once captured
     keep: list = field(default_factory=list)
 
@@ -117,8 +110,6 @@ class GraphedTrainStep:
     # ------------------------------------------------------------------ the step
     def _body(self, batch, image_hw, gt) -> None:
         """Forward, backward, clip, lr, update, log: device work only (what is captured)."""
-        from maskrcnn_fast.train import LOSS_TERMS
-
         if self.world and self.running_stats:  # DDP's broadcast_buffers: rank 0's BatchNorm statistics
             broadcast_from_rank0(self.running_stats)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None,
@@ -141,23 +132,35 @@ class GraphedTrainStep:
         self.history.index_copy_(0, (self.it_t % self.window).view(1), values.view(1, -1))
         self.it_t += 1
 
-    def _eager(self, inputs, side_stream: bool = False) -> None:
+    def _eager(self, inputs) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        if not side_stream:
-            return self._body(*inputs)
-        stream = torch.cuda.Stream(self.device)  # warm-up off the capture's stream, as capture wants
+        self._body(*inputs)
+
+    def _warm_up_and_capture(self, bucket: _Bucket) -> None:
+        """A bucket's first step: run for real, eagerly, then captured at once (see the module docstring).
+        The capture only records; the graph first replays at the bucket's next step."""
+        with self._side_stream():
+            self._eager(bucket.inputs)
+        self.optimizer.zero_grad(set_to_none=True)  # backward allocates .grad in the graph's pool
+        bucket.graph, recording = self._new_graph()
+        with recording:
+            self._body(*bucket.inputs)
+        bucket.keep = self._cached_tensors()
+
+    @contextlib.contextmanager
+    def _side_stream(self):
+        """Warm-up runs off the capture's stream, as capture wants."""
+        stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            self._body(*inputs)
+            yield
         torch.cuda.current_stream(self.device).wait_stream(stream)
 
-    def _capture(self, bucket: _Bucket) -> None:
-        self.optimizer.zero_grad(set_to_none=True)  # backward allocates .grad in the graph's pool
+    def _new_graph(self):
+        """``(graph, context that records into it)``; tests replace this to check what is recorded on CPU."""
         graph = torch.cuda.CUDAGraph()
         # thread_local: the data loader's pinning thread may call CUDA while we capture
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self._body(*bucket.inputs)
-        bucket.graph = graph
+        return graph, torch.cuda.graph(graph, capture_error_mode="thread_local")
 
     def step(self, images, targets, read: bool = False) -> list:
         """One training iteration on a list of device images and their targets. Returns :meth:`read`'s
@@ -183,13 +186,8 @@ class GraphedTrainStep:
             bucket.graph.replay()
         elif not self.capture:
             self._eager(bucket.inputs)
-        elif bucket.eager_steps < WARMUP_STEPS:
-            self._eager(bucket.inputs, side_stream=True)
-            bucket.eager_steps += 1
         else:
-            self._capture(bucket)
-            bucket.keep = self._cached_tensors()
-            bucket.graph.replay()
+            self._warm_up_and_capture(bucket)
         self.it += 1
         self.pending += 1
         if self.scheduler is not None:
@@ -248,8 +246,6 @@ class GraphedTrainStep:
         rows = self.history.tolist()
         now = time.perf_counter()
         dt, self._t_read = (now - self._t_read) / self.pending, now
-        from maskrcnn_fast.train import lr_factor
-
         out = [(it + 1, rows[it % self.window], self.base_lr * lr_factor(it, self.total, self.warmup, self.schedule),
                 dt) for it in range(self.it - self.pending, self.it)]
         self.pending = 0

@@ -20,6 +20,10 @@ from maskrcnn_fast.config import MaskRCNNConfig
 
 RPN_MIN_BOX_SIZE = 1e-3
 RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+# anchor sets kept, the least recently used dropped first: both aspect-ratio buckets of training plus a few
+# evaluation sizes, so alternating wide and tall batches never rebuild anchors (graph mode does not rely
+# on this: it captures a bucket right after warming it up, see maskrcnn_fast/graphs.py)
+ANCHOR_CACHE_SIZE = 4
 
 
 class RPNHead(nn.Module):
@@ -84,9 +88,12 @@ class RegionProposalNetwork(nn.Module):
         self._anchor_cache: dict = {}
 
     def anchors(self, features: list[torch.Tensor], padded_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Anchors ``[N, 4]`` for one (padded) image and the FPN level of each, ``[N]``; cached by shape."""
+        """Anchors ``[N, 4]`` for one (padded) image and the FPN level of each, ``[N]``; cached by shape (LRU)."""
         key = (tuple(tuple(f.shape[-2:]) for f in features), padded_hw, features[0].device)
-        if key not in self._anchor_cache:
+        if key in self._anchor_cache:
+            if not torch.compiler.is_compiling():  # no side effect for a compiler to trace on a hit
+                self._anchor_cache[key] = self._anchor_cache.pop(key)  # most recently used last
+        else:
             device = features[0].device
             all_anchors, all_levels = [], []
             for lvl, (f, size) in enumerate(zip(features, self.cfg.anchor_sizes)):
@@ -100,7 +107,9 @@ class RegionProposalNetwork(nn.Module):
                 a = (shifts + base.view(1, -1, 4)).reshape(-1, 4)
                 all_anchors.append(a)
                 all_levels.append(torch.full((a.shape[0],), lvl, dtype=torch.int64, device=device))
-            self._anchor_cache = {key: (torch.cat(all_anchors), torch.cat(all_levels))}
+            self._anchor_cache[key] = (torch.cat(all_anchors), torch.cat(all_levels))
+            while len(self._anchor_cache) > ANCHOR_CACHE_SIZE:
+                del self._anchor_cache[next(iter(self._anchor_cache))]
         return self._anchor_cache[key]
 
     def forward(self, features: list[torch.Tensor], image_hw: torch.Tensor, padded_hw: tuple[int, int],

@@ -39,9 +39,9 @@ from maskrcnn_fast.data import build_dataset, epoch_batches, make_loader
 from maskrcnn_fast.distributed import Dist, pick_device
 from maskrcnn_fast.errors import NonFiniteLossError, UserError
 from maskrcnn_fast.evaluate import evaluate, format_metrics
+from maskrcnn_fast.schedule import LOSS_TERMS, lr_factor  # noqa: F401 (lr_factor: public here too)
 
 ARCH = "maskrcnn_fast.MaskRCNN"
-LOSS_TERMS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 
 
 def shapes_model_kwargs(image_size: int) -> dict:
@@ -142,14 +142,6 @@ def calibrate_frozen_bn(model, images: list[torch.Tensor]) -> None:
     finally:
         for h in handles:
             h.remove()
-
-
-def lr_factor(it: int, total: int, warmup: int, schedule: str) -> float:
-    """Multiplier of the base lr before step ``it`` (0-based): linear warm-up, then the decay."""
-    warm = min(1.0, (it + 1) / warmup) if warmup > 0 else 1.0
-    if schedule == "cosine":
-        return warm * 0.5 * (1 + math.cos(math.pi * min(it, total) / max(1, total)))
-    return warm * 0.1 ** sum(it >= int(total * f) for f in (2 / 3, 8 / 9))
 
 
 def check_out_dir(path: str) -> None:

@@ -12,8 +12,9 @@ import torch
 import torch.distributed as dist
 
 import kernels
-from maskrcnn_fast import MaskRCNNConfig, checkpoint
+from maskrcnn_fast import MaskRCNNConfig, checkpoint, rpn
 from maskrcnn_fast.errors import NonFiniteLossError, UserError
+from maskrcnn_fast.syncs import count_syncs
 from maskrcnn_fast.graphs import GraphedTrainStep, bucket_shapes, for_training, lr_factor_tensor
 from maskrcnn_fast.train import LOSS_TERMS, lr_factor, train
 from test_model import NUM_CLASSES, tiny_model
@@ -181,6 +182,80 @@ def test_batch_that_fits_no_bucket_runs_uncaptured_with_a_one_line_warning(case,
     assert values[1:] == pytest.approx([float(want[k]) for k in LOSS_TERMS], rel=1e-5, abs=1e-7)
 
 
+# ---------------------------------------------------------------------- what CUDA would capture, on CPU
+WIDE, TALL = ((64, 80), (60, 90)), ((80, 64), (90, 60))
+
+
+class _CPUGraph:
+    """Stands in for a CUDA graph on CPU: replay runs its bucket's step again (uncaptured)."""
+
+    def __init__(self, step):
+        self.step, self.replays = step, 0
+
+    def replay(self):
+        bucket = next(b for b in self.step.buckets.values() if b.graph is self)
+        self.replays += 1
+        self.step._eager(bucket.inputs)
+
+
+class _RecordingStep(GraphedTrainStep):
+    """Graph mode's control flow on CPU (``capture=True``): where CUDA would capture, the step's Python runs
+    under ``count_syncs``, which sees what capture would fail on (a sync, a tensor made from host data, a
+    copy between devices). The body really runs there, once more: only the counts are checked."""
+
+    def __init__(self, model):
+        opt, sched = _sgd(model)
+        super().__init__(model, opt, sched, base_lr=BASE_LR, total=TOTAL, warmup=WARMUP, schedule="cosine",
+                         clip_grad=0.5, amp_dtype=None, batch_size=2, gt_capacity=4, capture=True)
+        self.recorded = []  # (iteration, SyncCounts) of every step CUDA would capture
+
+    def _side_stream(self):
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _recording(self):
+        with count_syncs() as counts:
+            yield
+        self.recorded.append((self.it + 1, counts))
+
+    def _new_graph(self):
+        return _CPUGraph(self), self._recording()
+
+
+def _evaluate(model, device="cpu"):
+    model.eval()
+    with torch.no_grad():
+        model(_batch(50, sizes=((96, 72), (72, 96)), device=device)[0])  # other sizes than any bucket
+    model.train()
+
+
+@pytest.mark.parametrize("anchor_cache_size", [1, rpn.ANCHOR_CACHE_SIZE])
+@pytest.mark.parametrize("order", ["wide tall wide tall", "wide eval wide", "tall eval wide tall wide"])
+def test_what_cuda_would_capture_makes_no_sync_and_no_host_tensor(order, anchor_cache_size, monkeypatch):
+    """For any order of buckets and evaluations, the step CUDA captures creates no tensor from host data,
+    copies nothing between devices and never syncs; with a one-entry anchor cache too (every other shape
+    evicts the entry), since capture follows its own warm-up in the same call. Every bucket is captured
+    once, and its later steps replay."""
+    monkeypatch.setattr(rpn, "ANCHOR_CACHE_SIZE", anchor_cache_size)
+    torch.manual_seed(0)
+    # the mask branch on every positive slot, as on CUDA (CPU's default compacts positives with a free sync)
+    step = _RecordingStep(tiny_model(mask_branch_positives_only=False).train())
+    for i, what in enumerate(order.split()):
+        if what == "eval":
+            _evaluate(step.model)
+        else:
+            step.step(*_batch(i, sizes=WIDE if what == "wide" else TALL))
+    buckets = sorted({w for w in order.split() if w != "eval"})
+    assert len(step.recorded) == len(buckets) == len(step.buckets), step.recorded
+    for it, counts in step.recorded:
+        assert counts.ops > 0
+        assert counts.host_data == 0, (it, counts.host_data_sites)
+        assert counts.syncs == 0, (it, counts.sync_sites)
+    steps = [w for w in order.split() if w != "eval"]
+    assert sum(b.graph.replays for b in step.buckets.values()) == len(steps) - len(buckets)
+    assert step.fallbacks == 0
+
+
 def test_fp16_and_a_bad_capacity_are_refused():
     with pytest.raises(UserError, match="bf16"):
         _stepper(tiny_model(), amp_dtype=torch.float16)
@@ -235,8 +310,8 @@ def test_train_cuda_graphs_nan_stops_and_keeps_last_good_checkpoint(tmp_path, mo
 @pytest.mark.gpu
 @pytest.mark.parametrize("amp_dtype, rtol", [(None, 1e-4), (torch.bfloat16, 2e-2)])
 def test_capture_and_replay_equal_eager_on_cuda(amp_dtype, rtol):
-    """Step 1 runs eagerly (warm-up), step 2 is captured and replayed, step 3 replays: losses and
-    weights equal the same three steps run eagerly (up to atomic-add order in RoIAlign's backward)."""
+    """Step 1 runs eagerly (warm-up) and is captured at once, steps 2 and 3 replay: losses and weights
+    equal the same three steps run eagerly (up to atomic-add order in RoIAlign's backward)."""
     _capture_matches_eager(amp_dtype, rtol)
 
 
@@ -251,6 +326,34 @@ def test_capture_with_nccl_collectives_equals_eager(tmp_path):
     assert graphed.world == 1 and graphed.running_stats
     for (name, b), c in zip(graphed_model.named_buffers(), eager_model.buffers()):
         torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("order", ["wide tall wide tall", "wide eval wide", "tall eval wide tall wide"])
+def test_two_buckets_and_evaluations_capture_and_replay_on_cuda(order):
+    """Buckets captured in any order, with evaluations at other sizes in between (which evict anchors from
+    the cache): every capture succeeds, and losses and weights equal the same steps run eagerly."""
+    with kernels.use_backend("triton"):
+        torch.manual_seed(0)
+        graphed_model = tiny_model(mask_branch_positives_only=False).cuda().train()
+        eager_model = copy.deepcopy(graphed_model)
+        graphed, eager = _stepper(graphed_model, True), _stepper(eager_model, False)
+        for i, what in enumerate(order.split()):
+            if what == "eval":
+                _evaluate(graphed_model, "cuda")
+                _evaluate(eager_model, "cuda")
+                continue
+            images, targets = _batch(i, sizes=WIDE if what == "wide" else TALL, device="cuda")
+            rows = []
+            for stepper in (graphed, eager):
+                torch.manual_seed(100 + i)
+                rows.append(stepper.step(images, targets, read=True)[0][1])
+            assert rows[0] == pytest.approx(rows[1], rel=1e-4, abs=1e-5), (i, what)
+        kinds = {w for w in order.split() if w != "eval"}
+        assert len(graphed.buckets) == len(kinds) and all(b.graph is not None for b in graphed.buckets.values())
+        assert graphed.fallbacks == 0
+        for (name, p), q in zip(graphed_model.named_parameters(), eager_model.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def _capture_matches_eager(amp_dtype, rtol, batch_norm=False):
