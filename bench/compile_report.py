@@ -97,10 +97,17 @@ _WORK: list = []
 
 
 def _compile(i: int) -> dict:
+    import time
+
     from kernels._audit import compile_row
 
     launch, cc = _WORK[i]
-    return compile_row(launch, cc)
+    start = time.perf_counter()
+    row = compile_row(launch, cc)
+    # wall seconds of this compile (Triton's on-disk cache hit: ~0; cold: what a GPU run's first launch pays,
+    # which bench/run_gpu.sh's time plan is sized from)
+    row["compile_s"] = round(time.perf_counter() - start, 3)
+    return row
 
 
 def compile_all(work, jobs: int) -> list[dict]:

@@ -8,7 +8,12 @@
 #
 #   device run:  bash bench/run_gpu.sh         with timeout_s = DEADLINE + 60 (default DEADLINE 520)
 #
-# Steps (STEPS picks a subset; the default is the first six, in this order):
+# Steps (STEPS picks a subset; the default is the first seven, in this order):
+#   warm          fills Triton's on-disk cache in parallel on every CPU core: the compile audit
+#                 (bench/compile_report.py) compiles, for this GPU's compute capability, every kernel variant the
+#                 ops launch at Mask R-CNN shapes and a small model step launches (80 + 22 at 2026-12-06), with the
+#                 JIT's own specialization and cache key, so later steps load them instead of compiling one
+#                 at a time (~1.1 s each); timing.txt counts the compiles each step still made
 #   gpu           the @pytest.mark.gpu tests: CUDA-graph capture = eager, channels-last training, ...
 #   bench-kernels every kernel vs torchvision at Mask R-CNN shapes (+ bytes moved: % of HBM roofline)
 #   bench-model   training step and inference img/s: ours eager, CUDA graphs, torchvision (batch 8, 800x1216)
@@ -28,11 +33,13 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
-STEPS=${STEPS:-"gpu bench-kernels bench-model memcheck ncu tests"}
+STEPS=${STEPS:-"warm gpu bench-kernels bench-model memcheck ncu tests"}
 DEADLINE=${DEADLINE:-520}
 DRY_RUN=${DRY_RUN:-0}
 KERNEL_TESTS=${KERNEL_TESTS:-"tests/test_roi_align.py tests/test_nms.py tests/test_mask_loss.py tests/test_mask_targets.py"}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # bench/*.py scripts import kernels from the checkout
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.triton/cache}  # Triton's default, named so steps can count it
+mkdir -p "$TRITON_CACHE_DIR" 2>/dev/null
 
 exec 3>&2
 run() {  # echo a command (to the script's stderr, whatever the call redirects); run it unless DRY_RUN=1
@@ -44,6 +51,46 @@ find_tool() {  # PATH, then the usual CUDA install places
   ls -d /usr/local/cuda/bin/"$1" /usr/local/cuda-*/bin/"$1" /opt/nvidia/nsight-compute/*/"$1" 2>/dev/null | tail -1
 }
 has() { [[ " $STEPS " == *" $1 "* ]]; }
+# The time plan. Each step's cap includes compiling its kernels from a cold cache, measured offline
+# (bench/compile_report.py --targets 90 --jobs 1 with an empty TRITON_CACHE_DIR, 2026-12-06, a 2-core CPU:
+# 1.1 s median per kernel variant, 1.7 s max, 44 variants in 49 s). COMPILES is how many variants a step
+# launches that the warm step does not cover, or all of them if the warm step misses (cache key mismatch).
+S_PER_COMPILE=1.1
+cap_of() {
+  case $1 in
+    warm) echo 60 ;;            # capture ~25 s + 102 variants x 1.1 s / 16 cores
+    gpu) echo 135 ;;            # ~100 s of tests + ~30 variants (tiny models fp32/bf16, box-head RoIAlign) cold
+    bench-kernels) echo 120 ;;  # ~30 s of timing + 80 variants cold (0 when warm)
+    bench-model) echo 150 ;;    # ~125 s (3 models, CUDA graphs) + 22 variants cold
+    bench-compiled) echo 400 ;;
+    memcheck | racecheck) echo 70 ;;
+    ncu) echo 60 ;;
+    tests) echo 600 ;;
+    autotune) echo 180 ;;
+    compile) echo 300 ;;
+    *) echo 0 ;;
+  esac
+}
+compiles_of() {  # kernel variants a step compiles from a cold cache (see cap_of)
+  case $1 in
+    warm) echo 102 ;; gpu) echo 30 ;; bench-kernels) echo 80 ;; bench-model) echo 22 ;; *) echo "?" ;;
+  esac
+}
+print_plan() {  # the time plan: cap per step, what compiling costs cold, where DEADLINE cuts
+  local at=0 cap c
+  echo "time plan (DEADLINE ${DEADLINE} s; a cap includes compilation; ${S_PER_COMPILE} s per cold compile):" >&3
+  for s in $STEPS; do
+    cap=$(cap_of "$s")
+    c=$(compiles_of "$s")
+    local cores=1
+    [ "$s" = warm ] && cores=$(nproc)  # the warm step compiles on every core at once
+    if [ "$c" = "?" ]; then c="n/a"; else
+      c="$c variants ~$(awk "BEGIN{printf \"%d\", $c*$S_PER_COMPILE/$cores}") s cold on $cores core(s)"; fi
+    at=$((at + cap))
+    printf '  %-14s cap %4d s  ends by %4d s%s  compile: %s\n' "$s" "$cap" "$at" \
+      "$([ "$at" -gt "$DEADLINE" ] && echo " (cut to what is left)")" "$c" >&3
+  done
+}
 begin() {  # begin NAME CAP: sets T, the step's timeout (its cap, cut to what DEADLINE leaves); false = skip
   local left=$((DEADLINE - SECONDS - 30))  # room for a step's own 15 s of grace after its timeout
   T=$(($2 < left ? $2 : left))
@@ -52,8 +99,15 @@ begin() {  # begin NAME CAP: sets T, the step's timeout (its cap, cut to what DE
     return 1
   fi
   echo "=== $1 (${T} s max, $((SECONDS)) s elapsed) ===" >&3
+  STEP=$1 STEP_T0=$SECONDS STEP_C0=$(cache_entries)
 }
+cache_entries() { find "${TRITON_CACHE_DIR}" -mindepth 1 -maxdepth 1 -type d 2>/dev/null | wc -l; }
 save() {  # everything so far into $OUT (device tool), newest bench table beside it for a quick look
+  if [ -n "${STEP:-}" ] && [ "$DRY_RUN" != 1 ]; then  # what the step took, and how many kernels it compiled
+    echo "$STEP: $((SECONDS - STEP_T0)) s of cap $(cap_of "$STEP") s, $(($(cache_entries) - STEP_C0)) new Triton cache entries" \
+      | tee -a "${stem}.timing.txt" >&3
+  fi
+  STEP=""
   [ -n "${OUT:-}" ] && [ "$DRY_RUN" != 1 ] || return 0
   tar czf "$OUT/results.tgz" "${stem}".* kernels/configs/*.json 2>/dev/null
   [ -f "${stem}.md" ] && cp "${stem}.md" "$OUT/bench.md"
@@ -116,19 +170,28 @@ sanitizer() {  # sanitizer TOOL CAP
   save
 }
 
+print_plan
 for step in $STEPS; do
   case $step in
+    warm)
+      begin warm "$(cap_of warm)" || continue
+      cc=90
+      [ "$DRY_RUN" = 1 ] || cc=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(10 * m + n)")
+      run timeout -s INT -k 15 "$T" env -u TRITON_INTERPRET $PY bench/compile_report.py --model small --targets "$cc" \
+        --jobs "$(nproc)" --json "${stem}.warm.json" > "${stem}.warm.txt" 2>&1
+      tail -3 "${stem}.warm.txt" 2>/dev/null
+      save ;;
     gpu)
-      begin gpu 100 || continue
+      begin gpu "$(cap_of gpu)" || continue
       run timeout -s INT -k 15 "$T" $PY -m pytest -q -p no:cacheprovider -m gpu -rs tests > "${stem}.gpu.txt" 2>&1
       tail -25 "${stem}.gpu.txt" 2>/dev/null
       save ;;
-    bench-kernels) bench_step bench-kernels 120 kernels bench/test_bench_kernels.py ;;
-    bench-model) bench_step bench-model 150 model bench/test_bench_model.py -k "not ours_compiled" ;;
-    bench-compiled) bench_step bench-compiled 400 compiled bench/test_bench_model.py -k ours_compiled ;;
-    memcheck | racecheck) sanitizer "$step" 70 ;;
+    bench-kernels) bench_step bench-kernels "$(cap_of bench-kernels)" kernels bench/test_bench_kernels.py ;;
+    bench-model) bench_step bench-model "$(cap_of bench-model)" model bench/test_bench_model.py -k "not ours_compiled" ;;
+    bench-compiled) bench_step bench-compiled "$(cap_of bench-compiled)" compiled bench/test_bench_model.py -k ours_compiled ;;
+    memcheck | racecheck) sanitizer "$step" "$(cap_of "$step")" ;;
     ncu)
-      begin ncu 60 || continue
+      begin ncu "$(cap_of ncu)" || continue
       ncu_bin=$(find_tool ncu)
       [ -z "$ncu_bin" ] && [ "$DRY_RUN" = 1 ] && ncu_bin=ncu
       if [ -z "$ncu_bin" ]; then
@@ -142,22 +205,22 @@ for step in $STEPS; do
       run $PY bench/ncu_ops.py --summarize "${stem}.ncu.csv" --out "${stem}.ncu.md" || tail -5 "${stem}.ncu.err"
       save ;;
     tests)
-      begin tests 600 || continue
+      begin tests "$(cap_of tests)" || continue
       # shellcheck disable=SC2086
       run timeout -s INT -k 15 "$T" $PY -m pytest -q -p no:cacheprovider $XDIST -m "not gpu" $KERNEL_TESTS tests \
         > "${stem}.tests.txt" 2>&1
       tail -30 "${stem}.tests.txt" 2>/dev/null
       save ;;
     autotune)
-      begin autotune 180 || continue
+      begin autotune "$(cap_of autotune)" || continue
       run timeout "$T" $PY bench/autotune.py --shapes maskrcnn
       save ;;
     compile)
-      begin compile 300 || continue
+      begin compile "$(cap_of compile)" || continue
       run timeout "$T" $PY bench/compile_report.py --json "${stem}.compile.json" > "${stem}.compile.txt"
       tail -3 "${stem}.compile.txt" 2>/dev/null
       save ;;
-    *) echo "unknown step $step (known: gpu bench-kernels bench-model bench-compiled memcheck racecheck ncu tests autotune compile)" >&3 ;;
+    *) echo "unknown step $step (known: warm gpu bench-kernels bench-model bench-compiled memcheck racecheck ncu tests autotune compile)" >&3 ;;
   esac
 done
 echo "done in ${SECONDS} s (DEADLINE ${DEADLINE})" >&3

@@ -72,3 +72,23 @@ def test_ncu_csv_summary(tmp_path):
     assert "| _roi_align_fwd_kernel | 21.4 | 61.5 |" in table and "| n/a / 4096 |" in table
     src.write_text("==PROF== nothing profiled\n")
     assert ncu_ops.summarize(str(src), None) == 1
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils")
+def test_dry_run_prints_the_time_plan_and_warms_the_triton_cache_first(tmp_path):
+    """The plan names every step with a cap that includes compiling its kernels cold; the warm step comes first
+    and compiles, in parallel, for this GPU's compute capability (90 in a dry run) what later steps launch."""
+    env = {**os.environ, "DRY_RUN": "1", "PY": sys.executable, "RESULTS": str(tmp_path)}
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "run_gpu.sh")], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    plan = proc.stderr.split("=== ")[0]
+    assert plan.startswith("time plan (DEADLINE 520 s")
+    rows = [line.split() for line in plan.splitlines()[1:]]
+    assert [r[0] for r in rows] == ["warm", "gpu", "bench-kernels", "bench-model", "memcheck", "ncu", "tests"]
+    caps = {r[0]: int(r[2]) for r in rows}
+    assert caps["gpu"] >= 100 + 30 * 1.1  # the gpu tests' ~100 s plus their ~30 kernel variants compiled cold
+    assert caps["bench-kernels"] >= 80 * 1.1  # what the op benchmarks compile if the warm step misses
+    warm = next(line for line in proc.stderr.splitlines() if "compile_report.py" in line)
+    assert "--targets 90" in warm and "--jobs" in warm and "env -u TRITON_INTERPRET" in warm
+    assert proc.stderr.index("=== warm") < proc.stderr.index("=== gpu")
