@@ -30,6 +30,7 @@ class Dist:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
             self.owns_group = True
         self.host_group = host_group() if self.world > 1 else None
+        self.before_close: list = []  # called first by close(), e.g. to free CUDA graphs holding NCCL work
 
     @property
     def main(self) -> bool:
@@ -48,6 +49,8 @@ class Dist:
         return same_on_all_ranks(int(flag), self.host_group) and flag
 
     def close(self) -> None:
+        for release in self.before_close:  # also after an exception, whose traceback keeps their owners alive
+            release()
         if self.owns_group:
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 torch.cuda.synchronize()  # nothing of ours (a replayed graph's collectives) still in flight

@@ -231,6 +231,15 @@ class GraphedTrainStep:
             static_gt[k].copy_(v)
         return bucket, bucket.inputs, None
 
+    def release(self) -> None:
+        """Free every captured graph (they replay no more; a later step of a bucket captures again). Call it
+        before destroying a process group: NCCL (>= 2.26) waits in ``destroy_process_group`` for every graph
+        that captured one of its collectives to be destroyed, so a live graph there hangs forever."""
+        for bucket in self.buckets.values():
+            if bucket.graph is not None and hasattr(bucket.graph, "reset"):
+                bucket.graph.reset()
+            bucket.graph, bucket.keep = None, []
+
     def _cached_tensors(self) -> list:
         """Tensors from the model's caches that the step just captured reads (see the module docstring)."""
         keep = list(self.model.rpn._anchor_cache.values())

@@ -220,6 +220,8 @@ def _train(cfg, device, ddp, stored, plot_curves, tqdm) -> dict:
         calibrate_frozen_bn(model, [im.to(device) for im, _ in (x for x in first if x is not None)])
     graphed = graphs.for_training(cfg, model, optimizer, scheduler, lr, total, amp_dtype, start,
                                   tqdm.write) if cfg.cuda_graphs else None
+    if graphed is not None:  # NCCL cannot destroy a communicator while a captured graph that uses it lives
+        ddp.before_close.append(graphed.release)
     net = model
     if ddp.world > 1 and graphed is None:  # graph mode averages gradients inside its step (graphs.py)
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

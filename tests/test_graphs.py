@@ -79,11 +79,15 @@ def test_lr_schedule_on_device_equals_host(schedule, warmup):
 
 
 @contextlib.contextmanager
-def _one_rank_group(backend, tmp_path):
+def _one_rank_group(backend, tmp_path, before_destroy=()):
+    """A one-rank process group; ``before_destroy`` holds graph-mode steps to release first, also when the
+    block fails (NCCL's destroy waits for every graph that captured its collectives: a hang, not a failure)."""
     dist.init_process_group(backend, init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         yield
     finally:
+        for step in before_destroy:
+            step.release()
         dist.destroy_process_group()
 
 
@@ -256,6 +260,27 @@ def test_what_cuda_would_capture_makes_no_sync_and_no_host_tensor(order, anchor_
     assert step.fallbacks == 0
 
 
+def test_release_frees_every_graph_and_runs_before_the_process_group_is_destroyed():
+    """``release`` drops every captured graph (a later step captures again); ``Dist.close`` calls it before
+    ``destroy_process_group``, which NCCL blocks while a graph holding its collectives lives."""
+    from maskrcnn_fast.distributed import Dist
+
+    torch.manual_seed(0)
+    step = _RecordingStep(tiny_model(mask_branch_positives_only=False).train())
+    step.step(*_batch(0, sizes=WIDE))
+    step.step(*_batch(1, sizes=TALL))
+    assert len(step.recorded) == 2 and all(b.graph is not None for b in step.buckets.values())
+    step.release()
+    assert all(b.graph is None and not b.keep for b in step.buckets.values())
+    step.step(*_batch(2, sizes=WIDE))
+    assert len(step.recorded) == 3
+    order = []
+    ddp = Dist(torch.device("cpu"))
+    ddp.before_close.append(lambda: order.append("release"))
+    ddp.close()
+    assert order == ["release"]
+
+
 def test_fp16_and_a_bad_capacity_are_refused():
     with pytest.raises(UserError, match="bf16"):
         _stepper(tiny_model(), amp_dtype=torch.float16)
@@ -321,8 +346,10 @@ def test_capture_with_nccl_collectives_equals_eager(tmp_path):
     BatchNorm-statistics broadcast, the gradient all-reduce and the host-side bucket agreement of
     multi-process graph mode (two ranks are tested on CPU, in test_train); the running statistics
     the graph updates equal eager's."""
-    with _one_rank_group("nccl", tmp_path):
-        graphed, graphed_model, eager_model = _capture_matches_eager(None, 1e-4, batch_norm=True)
+    released = []
+    with _one_rank_group("nccl", tmp_path, before_destroy=released):
+        graphed, graphed_model, eager_model = _capture_matches_eager(None, 1e-4, batch_norm=True,
+                                                                     captured=released)
     assert graphed.world == 1 and graphed.running_stats
     for (name, b), c in zip(graphed_model.named_buffers(), eager_model.buffers()):
         torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-5, msg=name)
@@ -356,7 +383,7 @@ def test_two_buckets_and_evaluations_capture_and_replay_on_cuda(order):
             torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def _capture_matches_eager(amp_dtype, rtol, batch_norm=False):
+def _capture_matches_eager(amp_dtype, rtol, batch_norm=False, captured=None):
     from maskrcnn_fast.train import _use_batch_norm
 
     with kernels.use_backend("triton"):
@@ -367,6 +394,8 @@ def _capture_matches_eager(amp_dtype, rtol, batch_norm=False):
         graphed_model = graphed_model.cuda().train()
         eager_model = copy.deepcopy(graphed_model)
         graphed, eager = _stepper(graphed_model, True, amp_dtype), _stepper(eager_model, False, amp_dtype)
+        if captured is not None:
+            captured.append(graphed)
         for i in range(3):
             images, targets = _batch(i, device="cuda")
             rows = []
