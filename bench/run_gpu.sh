@@ -163,7 +163,7 @@ sanitizer() {  # sanitizer TOOL CAP
   echo "=== compute-sanitizer --tool $1 ($T s max) ===" >> "${stem}.sanitizer.txt"
   # shellcheck disable=SC2086
   run env PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$T" "$san" --tool "$1" --error-exitcode 9 --print-limit 50 \
-    $PY -m pytest -q -x -p no:cacheprovider -m "not slow" $KERNEL_TESTS >> "${stem}.sanitizer.txt" 2>&1
+    $PY -m pytest -q -x -p no:cacheprovider -m "triton and not slow" $KERNEL_TESTS >> "${stem}.sanitizer.txt" 2>&1
   echo "exit status $? (9: errors found, 124: timed out; errors found before a time-out are listed above)" \
     >> "${stem}.sanitizer.txt"
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY|exit status|passed|failed" "${stem}.sanitizer.txt" 2>/dev/null | tail -6

@@ -1,9 +1,11 @@
-"""torch.export of the inference model (maskrcnn_fast.export) on CPU: the exported program, run on new
-images of the exported shape, gives the eager model's detections; saved and loaded, it still does."""
+"""torch.export of the inference model (maskrcnn_fast.export): the exported program, run on new images of
+the exported shape, gives the eager model's detections; saved and loaded, it still does. The "triton" case
+runs on ``kernel_device``: CUDA on a CUDA host, Triton's interpreter on CPU otherwise."""
 import pytest
 import torch
 
 import kernels
+from conftest import kernel_device
 from maskrcnn_fast.export import export_inference
 from maskrcnn_fast.postprocess import split_per_image
 from test_model import tiny_model
@@ -11,14 +13,14 @@ from test_model import tiny_model
 PADDED = (96, 96)
 
 
-def _images(seed):
+def _images(seed, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return [torch.rand(3, 64, 80, generator=g), torch.rand(3, 72, 64, generator=g)]
+    return [torch.rand(3, 64, 80, generator=g).to(device), torch.rand(3, 72, 64, generator=g).to(device)]
 
 
 def _inputs(model, images):
     batch, sizes, _ = model.transform(images, None, padded_hw=PADDED)
-    return batch, torch.tensor(sizes, dtype=torch.float32), sizes
+    return batch, torch.tensor(sizes, dtype=torch.float32, device=batch.device), sizes
 
 
 def _assert_same(got: list[dict], want: list[dict]):
@@ -33,9 +35,10 @@ def _assert_same(got: list[dict], want: list[dict]):
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_exported_program_gives_eager_detections(backend, tmp_path):
     torch.manual_seed(0)
-    model = tiny_model().eval()
+    dev = kernel_device(backend)
+    model = tiny_model().eval().to(dev)
     with kernels.use_backend(backend), torch.no_grad():
-        batch, hw, _ = _inputs(model, _images(0))
+        batch, hw, _ = _inputs(model, _images(0, dev))
         program = export_inference(model, batch, hw)  # exported once, before any eager call fills a cache
         ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
         assert {"maskrcnn_fast.roi_align_forward.default", "maskrcnn_fast.nms_padded.default"} <= ops
@@ -43,7 +46,7 @@ def test_exported_program_gives_eager_detections(backend, tmp_path):
         torch.export.save(program, str(path))
         loaded = torch.export.load(str(path))
         for seed in (1, 2):  # images the export never saw, of the exported shape
-            images = _images(seed)
+            images = _images(seed, dev)
             batch, hw, sizes = _inputs(model, images)
             original = [tuple(im.shape[-2:]) for im in images]
             want = model(images)  # eager, end to end (pads to the batch's own size: 96x96 here too)

@@ -1,10 +1,16 @@
 """Sigmoid-BCE mask loss and the fused mask predictor + loss against float64 torch formulas
-(F.binary_cross_entropy_with_logits on the gathered channel; conv2d for the predictor)."""
+(F.binary_cross_entropy_with_logits on the gathered channel; conv2d for the predictor), on CPU. The Triton
+cases run on ``kernel_device``: CUDA on a CUDA host, Triton's interpreter on CPU otherwise."""
+import pathlib
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import kernels
+from conftest import DEVICE, amp_device, kernel_device, on
 from kernels import class_mask_logits, mask_predictor_loss, sigmoid_bce_mask_loss
 from kernels._backend import InputError, InputTypeError
 
@@ -60,18 +66,19 @@ def check_grad(ours, ref, dtype):
 @pytest.mark.parametrize("R,K,M", [(5, 1, 7), (3, 3, 14), (3, 81, 28), (7, 81, 7), (1, 3, 28)])
 def test_loss_and_grad_match_reference(impl, R, K, M):
     logits, labels, targets = make_inputs(R, K, M, seed=R * K + M)
-    x = logits.clone().requires_grad_()
+    dev = kernel_device(impl)
+    x = logits.to(dev, copy=True).requires_grad_()
     with backend(impl):
-        loss = sigmoid_bce_mask_loss(x, labels, targets)
+        loss = sigmoid_bce_mask_loss(x, *on(dev, labels, targets))
         loss.backward()
     ref_loss, ref_grad = reference_loss(logits, labels, targets)
     assert loss.dtype == torch.float32 and loss.shape == ()
-    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-6, rtol=1e-6)
-    check_grad(x.grad, ref_grad, torch.float32)
+    torch.testing.assert_close(loss.double().cpu(), ref_loss, atol=1e-6, rtol=1e-6)
+    check_grad(x.grad.cpu(), ref_grad, torch.float32)
     # only the labelled channel carries gradient
     other = torch.ones(R, K, dtype=torch.bool)
     other[torch.arange(R), labels] = False
-    assert (x.grad[other] == 0).all()
+    assert (x.grad.cpu()[other] == 0).all()
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
@@ -81,16 +88,17 @@ def test_every_dtype_against_float64_formula(impl, dtype, soft):
     """Targets in the logits' dtype; fp64 is computed in fp64 (to ~1e-12), the others in fp32."""
     logits, labels, targets = make_inputs(9, 3, 7, dtype=dtype, seed=3, soft=soft)
     targets = targets.to(dtype)
-    x = logits.clone().requires_grad_()
+    dev = kernel_device(impl)
+    x = logits.to(dev, copy=True).requires_grad_()
     with backend(impl):
-        loss = sigmoid_bce_mask_loss(x, labels, targets)
-        loss.backward(torch.tensor(2.5, dtype=loss.dtype))
+        loss = sigmoid_bce_mask_loss(x, *on(dev, labels, targets))
+        loss.backward(torch.tensor(2.5, dtype=loss.dtype, device=loss.device))
     # the reference sees the same rounded inputs: what is left is the maths' precision + grad rounding
     ref_loss, ref_grad = reference_loss(logits, labels, targets)
     assert loss.dtype == loss_dtype(dtype) and loss.shape == ()
     tol = LOSS_TOL[dtype]
-    torch.testing.assert_close(loss.double(), ref_loss, atol=tol, rtol=tol)
-    check_grad(x.grad, 2.5 * ref_grad, dtype)
+    torch.testing.assert_close(loss.double().cpu(), ref_loss, atol=tol, rtol=tol)
+    check_grad(x.grad.cpu(), 2.5 * ref_grad, dtype)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
@@ -101,8 +109,9 @@ def test_float64_is_computed_in_float64(impl):
     logits = logits + torch.sign(logits) * 12
     targets = torch.zeros(3, 5, 5, dtype=torch.float64)  # dloss/dx = sigmoid(x): the bump moves the loss
     bumped = logits + 1e-9
+    dev = kernel_device(impl)
     with backend(impl):
-        a, b = (sigmoid_bce_mask_loss(x, labels, targets) for x in (logits, bumped))
+        a, b = (sigmoid_bce_mask_loss(*on(dev, x, labels, targets)).cpu() for x in (logits, bumped))
     ref_a, ref_b = (reference_loss(x, labels, targets)[0] for x in (logits, bumped))
     torch.testing.assert_close(a, ref_a, atol=1e-13, rtol=1e-13)
     torch.testing.assert_close(b - a, ref_b - ref_a, atol=1e-14, rtol=0)
@@ -115,27 +124,29 @@ def test_targets_in_another_dtype(impl, dtype):
     """fp32 targets with fp16/fp64 logits, fp64 targets with fp32 logits: each is read at its precision
     (fp32 targets are exact in fp64)."""
     logits, labels, targets = make_inputs(4, 3, 7, dtype=dtype, seed=22)
+    dev = kernel_device(impl)
     for lg, tg in ((logits, targets.float()), (logits.float(), targets.double())):
-        x = lg.clone().requires_grad_()
+        x = lg.to(dev, copy=True).requires_grad_()
         with backend(impl):
-            loss = sigmoid_bce_mask_loss(x, labels, tg)
+            loss = sigmoid_bce_mask_loss(x, *on(dev, labels, tg))
             loss.backward()
         ref_loss, ref_grad = reference_loss(lg, labels, tg.to(loss.dtype))
         tol = LOSS_TOL[lg.dtype]
-        torch.testing.assert_close(loss.double(), ref_loss, atol=tol, rtol=tol)
-        check_grad(x.grad, ref_grad, lg.dtype)
+        torch.testing.assert_close(loss.double().cpu(), ref_loss, atol=tol, rtol=tol)
+        check_grad(x.grad.cpu(), ref_grad, lg.dtype)
 
 
+@pytest.mark.triton
 def test_fp32_targets_with_half_logits_and_noncontiguous_logits():
     base, labels, targets = make_inputs(5, 4, 7, dtype=torch.bfloat16, seed=4)
     logits = base.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)  # K-major storage
-    assert not logits.is_contiguous()
-    x = logits.clone().requires_grad_()
-    loss = sigmoid_bce_mask_loss(x, labels, targets)
+    x = logits.to(DEVICE, copy=True).requires_grad_()  # a dense copy keeps the strides
+    assert not x.is_contiguous()
+    loss = sigmoid_bce_mask_loss(x, *on(DEVICE, labels, targets))
     loss.backward()
     ref_loss, ref_grad = reference_loss(logits, labels, targets)
-    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-5, rtol=1e-5)
-    check_grad(x.grad, ref_grad, torch.bfloat16)
+    torch.testing.assert_close(loss.double().cpu(), ref_loss, atol=1e-5, rtol=1e-5)
+    check_grad(x.grad.cpu(), ref_grad, torch.bfloat16)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
@@ -147,14 +158,15 @@ def test_extreme_logits_do_not_overflow(impl):
     targets = torch.rand(R, M, M)
     targets[0] = 0.0
     targets[1] = 1.0
-    x = logits.clone().requires_grad_()
+    dev = kernel_device(impl)
+    x = logits.to(dev, copy=True).requires_grad_()
     with backend(impl):
-        loss = sigmoid_bce_mask_loss(x, labels, targets)
+        loss = sigmoid_bce_mask_loss(x, *on(dev, labels, targets))
         loss.backward()
     ref_loss, ref_grad = reference_loss(logits, labels, targets)
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
-    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-6, rtol=1e-6)
-    check_grad(x.grad, ref_grad, torch.float32)
+    torch.testing.assert_close(loss.double().cpu(), ref_loss, atol=1e-6, rtol=1e-6)
+    check_grad(x.grad.cpu(), ref_grad, torch.float32)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
@@ -162,16 +174,17 @@ def test_extreme_logits_do_not_overflow(impl):
 def test_roi_weight_is_mean_over_weighted_rois(impl, dtype):
     logits, labels, targets = make_inputs(7, 3, 7, dtype=dtype, seed=5)
     weight = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0], dtype=dtype) * 0.7
-    x = logits.clone().requires_grad_()
+    dev = kernel_device(impl)
+    x = logits.to(dev, copy=True).requires_grad_()
     with backend(impl):
-        loss = sigmoid_bce_mask_loss(x, labels, targets, roi_weight=weight)
+        loss = sigmoid_bce_mask_loss(x, *on(dev, labels, targets), roi_weight=weight.to(dev))
         loss.backward()
     ref_loss, ref_grad = reference_loss(logits, labels, targets, weight)
-    torch.testing.assert_close(loss.double(), ref_loss, atol=LOSS_TOL[dtype], rtol=LOSS_TOL[dtype])
-    check_grad(x.grad, ref_grad, dtype)
+    torch.testing.assert_close(loss.double().cpu(), ref_loss, atol=LOSS_TOL[dtype], rtol=LOSS_TOL[dtype])
+    check_grad(x.grad.cpu(), ref_grad, dtype)
     x.grad = None
     with backend(impl):
-        zero = sigmoid_bce_mask_loss(x, labels, targets, roi_weight=torch.zeros(7))
+        zero = sigmoid_bce_mask_loss(x, *on(dev, labels, targets), roi_weight=torch.zeros(7, device=dev))
         zero.backward()
     assert zero.item() == 0 and (x.grad == 0).all()
 
@@ -180,23 +193,26 @@ def test_roi_weight_is_mean_over_weighted_rois(impl, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_empty_rois(impl, dtype):
     """R = 0: the loss is torchvision's ``mask_logits.sum() * 0`` and the gradient is all zeros."""
-    x = torch.randn(0, 81, 28, 28, dtype=dtype, requires_grad=True)
-    targets = torch.zeros(0, 28, 28, dtype=dtype)
+    dev = kernel_device(impl)
+    x = torch.randn(0, 81, 28, 28, dtype=dtype, device=dev, requires_grad=True)
+    targets = torch.zeros(0, 28, 28, dtype=dtype, device=dev)
     with backend(impl):
-        loss = sigmoid_bce_mask_loss(x, torch.zeros(0, dtype=torch.int64), targets)
+        loss = sigmoid_bce_mask_loss(x, torch.zeros(0, dtype=torch.int64, device=dev), targets)
         loss.backward()
     assert loss.dtype == loss_dtype(dtype) and loss.shape == ()
     assert loss.item() == (x.sum() * 0).item() == 0
     assert x.grad.shape == x.shape and x.grad.dtype == dtype
 
 
+@pytest.mark.triton
 def test_no_grad_call_gives_the_same_loss():
     logits, labels, targets = make_inputs(5, 3, 7, seed=6)
     with torch.no_grad():
-        loss = sigmoid_bce_mask_loss(logits, labels, targets)
-    torch.testing.assert_close(loss.double(), reference_loss(logits, labels, targets)[0], atol=1e-6, rtol=1e-6)
+        loss = sigmoid_bce_mask_loss(*on(DEVICE, logits, labels, targets))
+    torch.testing.assert_close(loss.double().cpu(), reference_loss(logits, labels, targets)[0], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.bad_values
 def test_bad_labels_raise_and_kernel_stays_in_bounds():
     logits, labels, targets = make_inputs(4, 3, 7, seed=7)
     for bad in (-1, 3, 2 ** 40):
@@ -209,6 +225,33 @@ def test_bad_labels_raise_and_kernel_stays_in_bounds():
     torch.testing.assert_close(raw.double(), ref, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.gpu
+def test_bad_label_on_cuda_is_a_sticky_device_side_assert():
+    """On CUDA the label check is asynchronous (no host sync): a bad label fails at the next sync as a
+    device-side assert, and the process's CUDA context stays broken -- so bad_values tests never run on CUDA
+    in the shared pytest process (tests/conftest.py). Shown in a child process."""
+    code = """if True:
+        import torch, kernels
+        try:
+            logits, targets = torch.randn(2, 3, 7, 7, device="cuda"), torch.rand(2, 7, 7, device="cuda")
+            kernels.sigmoid_bce_mask_loss(logits, torch.tensor([0, 3], device="cuda"), targets)
+            torch.cuda.synchronize()
+            print("no error")
+        except RuntimeError as e:
+            print("device-side assert:", "device-side assert" in str(e))
+        try:
+            torch.zeros(1, device="cuda").sum().item()
+            print("recovered")
+        except RuntimeError:
+            print("sticky: True")
+    """
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=str(pathlib.Path(__file__).resolve().parents[1]))
+    assert "device-side assert: True" in proc.stdout and "sticky: True" in proc.stdout, \
+        proc.stdout + proc.stderr[-3000:]
+
+
+@pytest.mark.bad_values
 def test_bad_inputs_raise_clear_errors():
     logits, labels, targets = make_inputs(4, 3, 7, seed=8)
     with pytest.raises(TypeError, match="mask_targets"):
@@ -239,6 +282,7 @@ def test_bad_inputs_raise_clear_errors():
     assert torch.isfinite(sigmoid_bce_mask_loss(logits, labels, t, check_targets=False))
 
 
+@pytest.mark.bad_values
 def test_errors_are_ours_and_torchvisions():
     """Bad shapes raise InputError (a ValueError), bad dtypes InputTypeError (a TypeError): both are
     RuntimeErrors too, what torchvision raises."""
@@ -273,6 +317,7 @@ def test_errors_are_ours_and_torchvisions():
 def test_gradcheck_loss_float64(impl, roi_weight):
     logits, labels, targets = make_inputs(3, 2, 5, dtype=torch.float64, seed=23)
     rw = torch.tensor([0.5, 0.0, 2.0], dtype=torch.float64) if roi_weight else None
+    logits, labels, targets, rw = on(kernel_device(impl), logits, labels, targets, rw)
     with backend(impl):
         assert torch.autograd.gradcheck(lambda x: sigmoid_bce_mask_loss(x, labels, targets, roi_weight=rw),
                                         (logits.requires_grad_(),))
@@ -280,9 +325,11 @@ def test_gradcheck_loss_float64(impl, roi_weight):
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_loss_ignores_autocast(impl):
-    """CPU autocast to bf16 does not lower the precision inside the ops: bitwise the fp32 results."""
-    logits, labels, targets = make_inputs(5, 3, 7, seed=24)
-    features, weight, bias, plabels, ptargets = make_predictor(5, 6, 3, 7, seed=25)
+    """Autocast to bf16 (CPU's, or CUDA's for CUDA inputs) does not lower the precision inside the ops: bitwise
+    the fp32 results."""
+    dev = kernel_device(impl)
+    logits, labels, targets = on(dev, *make_inputs(5, 3, 7, seed=24))
+    features, weight, bias, plabels, ptargets = on(dev, *make_predictor(5, 6, 3, 7, seed=25))
 
     def run():
         leaves = [t.clone().requires_grad_() for t in (logits, features, weight, bias)]
@@ -294,15 +341,16 @@ def test_loss_ignores_autocast(impl):
         return [a, b, c] + [t.grad for t in leaves]
 
     plain = run()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(amp_device(dev), dtype=torch.bfloat16):
         cast = run()
     for p, c in zip(plain, cast):
         assert c.dtype == p.dtype == torch.float32
         assert torch.equal(c, p)
 
 
+@pytest.mark.triton
 def test_loss_is_bitwise_reproducible():
-    logits, labels, targets = make_inputs(7, 3, 14, seed=9)
+    logits, labels, targets = on(DEVICE, *make_inputs(7, 3, 14, seed=9))
     runs = []
     for _ in range(2):
         x = logits.clone().requires_grad_()
@@ -345,56 +393,59 @@ def reference_predictor(features, weight, bias, labels, targets, roi_weight=None
 @pytest.mark.parametrize("R,C,K,M,weight_2d", [(5, 7, 3, 7, False), (3, 33, 81, 14, True), (1, 5, 1, 28, False)])
 def test_fused_predictor_matches_conv_plus_loss(impl, R, C, K, M, weight_2d):
     features, weight, bias, labels, targets = make_predictor(R, C, K, M, seed=R + C)
-    f = features.clone().requires_grad_()
-    w = (weight.view(K, C) if weight_2d else weight).clone().requires_grad_()
-    b = bias.clone().requires_grad_()
+    dev = kernel_device(impl)
+    f = features.to(dev, copy=True).requires_grad_()
+    w = (weight.view(K, C) if weight_2d else weight).to(dev, copy=True).requires_grad_()
+    b = bias.to(dev, copy=True).requires_grad_()
     with backend(impl):
-        loss = mask_predictor_loss(f, w, b, labels, targets)
+        loss = mask_predictor_loss(f, w, b, *on(dev, labels, targets))
         loss.backward()
     ref_loss, ref_df, ref_dw, ref_db = reference_predictor(features, weight, bias, labels, targets)
-    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-5, rtol=1e-5)
-    check_grad(f.grad, ref_df, torch.float32)
-    check_grad(w.grad, ref_dw.view(w.shape), torch.float32)
-    check_grad(b.grad, ref_db, torch.float32)
+    torch.testing.assert_close(loss.double().cpu(), ref_loss, atol=1e-5, rtol=1e-5)
+    check_grad(f.grad.cpu(), ref_df, torch.float32)
+    check_grad(w.grad.cpu(), ref_dw.view(w.shape), torch.float32)
+    check_grad(b.grad.cpu(), ref_db, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.triton
 def test_fused_predictor_half_features_weighted(dtype):
     features, weight, bias, labels, targets = make_predictor(7, 9, 3, 7, dtype=dtype, seed=11)
     roi_weight = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
-    f = features.clone().requires_grad_()
-    w = weight.clone().requires_grad_()
-    b = bias.clone().requires_grad_()
-    loss = mask_predictor_loss(f, w, b, labels, targets, roi_weight=roi_weight)
+    f, w, b = (t.to(DEVICE, copy=True).requires_grad_() for t in (features, weight, bias))
+    loss = mask_predictor_loss(f, w, b, *on(DEVICE, labels, targets), roi_weight=roi_weight.to(DEVICE))
     loss.backward()
     ref_loss, ref_df, ref_dw, ref_db = reference_predictor(features, weight, bias, labels, targets, roi_weight)
-    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-5, rtol=1e-5)
-    check_grad(f.grad, ref_df, dtype)
+    torch.testing.assert_close(loss.double().cpu(), ref_loss, atol=1e-5, rtol=1e-5)
+    check_grad(f.grad.cpu(), ref_df, dtype)
     # weight/bias grads accumulate in fp32 from exact products of half features: fp32-level error
-    torch.testing.assert_close(w.grad.double(), ref_dw, atol=1e-5 * float(ref_dw.abs().max()), rtol=0)
-    torch.testing.assert_close(b.grad.double(), ref_db, atol=1e-5 * float(ref_db.abs().max()), rtol=0)
+    torch.testing.assert_close(w.grad.double().cpu(), ref_dw, atol=1e-5 * float(ref_dw.abs().max()), rtol=0)
+    torch.testing.assert_close(b.grad.double().cpu(), ref_db, atol=1e-5 * float(ref_db.abs().max()), rtol=0)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_fused_predictor_float64(impl):
     """fp64 features, weight and bias: loss and all three gradients to ~1e-12 of the fp64 formula."""
     features, weight, bias, labels, targets = make_predictor(5, 7, 3, 7, dtype=torch.float64, seed=26)
-    f, w, b = (t.clone().requires_grad_() for t in (features, weight, bias))
+    dev = kernel_device(impl)
+    f, w, b = (t.to(dev, copy=True).requires_grad_() for t in (features, weight, bias))
     with backend(impl):
-        loss = mask_predictor_loss(f, w, b, labels, targets)
+        loss = mask_predictor_loss(f, w, b, *on(dev, labels, targets))
         loss.backward()
     ref_loss, ref_df, ref_dw, ref_db = reference_predictor(features, weight, bias, labels, targets)
     assert loss.dtype == torch.float64
-    torch.testing.assert_close(loss, ref_loss, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(loss.cpu(), ref_loss, atol=1e-12, rtol=1e-12)
     for ours, theirs in ((f.grad, ref_df), (w.grad, ref_dw), (b.grad, ref_db)):
-        check_grad(ours, theirs, torch.float64)
+        check_grad(ours.cpu(), theirs, torch.float64)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_gradcheck_fused_predictor_float64(impl):
     features, weight, bias, labels, targets = make_predictor(2, 3, 2, 3, dtype=torch.float64, seed=27)
     labels = torch.tensor([1, 0])
-    inputs = tuple(t.requires_grad_() for t in (features, weight, bias))
+    dev = kernel_device(impl)
+    labels, targets = on(dev, labels, targets)
+    inputs = tuple(t.to(dev, copy=True).requires_grad_() for t in (features, weight, bias))
     with backend(impl):
         assert torch.autograd.gradcheck(lambda f, w, b: mask_predictor_loss(f, w, b, labels, targets), inputs)
 
@@ -403,16 +454,19 @@ def test_gradcheck_fused_predictor_float64(impl):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_predictor_empty(impl, dtype):
     param = loss_dtype(dtype)
-    f = torch.randn(0, 5, 7, 7, dtype=dtype, requires_grad=True)
-    w = torch.randn(3, 5, dtype=param, requires_grad=True)
-    b = torch.randn(3, dtype=param, requires_grad=True)
+    dev = kernel_device(impl)
+    f = torch.randn(0, 5, 7, 7, dtype=dtype, device=dev, requires_grad=True)
+    w = torch.randn(3, 5, dtype=param).to(dev).requires_grad_()
+    b = torch.randn(3, dtype=param).to(dev).requires_grad_()
     with backend(impl):
-        loss = mask_predictor_loss(f, w, b, torch.zeros(0, dtype=torch.int64), torch.zeros(0, 7, 7, dtype=param))
+        loss = mask_predictor_loss(f, w, b, torch.zeros(0, dtype=torch.int64, device=dev),
+                                   torch.zeros(0, 7, 7, dtype=param, device=dev))
         loss.backward()
     assert loss.dtype == loss_dtype(dtype) and loss.item() == 0
     assert (w.grad == 0).all() and (b.grad == 0).all() and f.grad.shape == f.shape and f.grad.dtype == dtype
 
 
+@pytest.mark.bad_values
 def test_fused_predictor_bad_inputs():
     features, weight, bias, labels, targets = make_predictor(3, 5, 3, 7, seed=12)
     with pytest.raises(ValueError, match="weight"):
@@ -446,26 +500,27 @@ def test_memory_layouts(impl, layout):
     """Logits and features in NCHW's alternatives give the contiguous results; dF comes back in the
     features' layout when it is channels_last (and contiguous otherwise)."""
     logits, labels, targets = make_inputs(4, 3, 7, seed=28)
-    x = relayout(logits, layout).requires_grad_()
-    assert torch.equal(x, logits)
+    dev = kernel_device(impl)
+    assert torch.equal(relayout(logits, layout), logits)
+    x = relayout(logits.to(dev), layout).requires_grad_()  # the layout made on the device
     features, weight, bias, plabels, ptargets = make_predictor(4, 6, 3, 7, seed=29)
-    f = relayout(features, layout).requires_grad_()
+    f = relayout(features.to(dev), layout).requires_grad_()
     with backend(impl):
-        loss = sigmoid_bce_mask_loss(x, labels, relayout(targets[:, None], layout)[:, 0])
+        loss = sigmoid_bce_mask_loss(x, labels.to(dev), relayout(targets.to(dev)[:, None], layout)[:, 0])
         (dx,) = torch.autograd.grad(loss, x)
-        ploss = mask_predictor_loss(f, weight, bias, plabels, ptargets)
+        ploss = mask_predictor_loss(f, *on(dev, weight, bias, plabels, ptargets))
         (df,) = torch.autograd.grad(ploss, f)
-        logit = class_mask_logits(f, weight, bias, plabels)
+        logit = class_mask_logits(f, *on(dev, weight, bias, plabels))
     ref_loss, ref_dx = reference_loss(logits, labels, targets)
-    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-6, rtol=1e-6)
-    check_grad(dx, ref_dx, torch.float32)
+    torch.testing.assert_close(loss.double().cpu(), ref_loss, atol=1e-6, rtol=1e-6)
+    check_grad(dx.cpu(), ref_dx, torch.float32)
     ref_ploss, ref_df, _, _ = reference_predictor(features, weight, bias, plabels, ptargets)
-    torch.testing.assert_close(ploss.double(), ref_ploss, atol=1e-5, rtol=1e-5)
-    check_grad(df, ref_df, torch.float32)
+    torch.testing.assert_close(ploss.double().cpu(), ref_ploss, atol=1e-5, rtol=1e-5)
+    check_grad(df.cpu(), ref_df, torch.float32)
     assert df.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else
                             torch.contiguous_format)
     ref_logit = F.conv2d(features.double(), weight.double(), bias.double())[torch.arange(4), plabels]
-    torch.testing.assert_close(logit.double(), ref_logit, atol=1e-5 * float(ref_logit.abs().max()), rtol=0)
+    torch.testing.assert_close(logit.double().cpu(), ref_logit, atol=1e-5 * float(ref_logit.abs().max()), rtol=0)
 
 
 def test_roi_span_beyond_int32_is_refused():
@@ -483,7 +538,7 @@ def test_roi_span_beyond_int32_is_refused():
 def test_class_mask_logits_match_conv(impl, dtype):
     features, weight, bias, labels, _ = make_predictor(5, 13, 4, 7, dtype=dtype, seed=13)
     with backend(impl):
-        ours = class_mask_logits(features, weight, bias, labels)
+        ours = class_mask_logits(*on(kernel_device(impl), features, weight, bias, labels)).cpu()
     ref = F.conv2d(features.double(), weight.double(), bias.double())[torch.arange(5), labels]
     assert ours.dtype == dtype and ours.shape == (5, 7, 7)
     # relative to the largest logit: the rounding of the result to its dtype
@@ -492,11 +547,12 @@ def test_class_mask_logits_match_conv(impl, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.triton
 def test_opcheck(dtype):
-    logits, labels, targets = make_inputs(3, 2, 7, dtype=dtype, seed=14)
-    features, weight, bias, plabels, ptargets = make_predictor(3, 5, 2, 7, dtype=dtype, seed=15)
+    logits, labels, targets = on(DEVICE, *make_inputs(3, 2, 7, dtype=dtype, seed=14))
+    features, weight, bias, plabels, ptargets = on(DEVICE, *make_predictor(3, 5, 2, 7, dtype=dtype, seed=15))
     w2 = weight.view(2, 5)
-    roi_weight = torch.tensor([1.0, 0.0, 1.0], dtype=dtype)
+    roi_weight = torch.tensor([1.0, 0.0, 1.0], dtype=dtype, device=DEVICE)
     ops = torch.ops.maskrcnn_fast
     cases = [
         (ops.sigmoid_bce_mask_loss.default, (logits.requires_grad_(), labels, targets, None, None, None, True)),
@@ -512,9 +568,10 @@ def test_opcheck(dtype):
         torch.library.opcheck(op, args)
 
 
+@pytest.mark.triton
 def test_torch_compile_fullgraph_matches_eager():
-    logits, labels, targets = make_inputs(5, 3, 7, seed=16)
-    features, weight, bias, _, _ = make_predictor(5, 6, 3, 7, seed=17)
+    logits, labels, targets = on(DEVICE, *make_inputs(5, 3, 7, seed=16))
+    features, weight, bias, _, _ = on(DEVICE, *make_predictor(5, 6, 3, 7, seed=17))
     leaves = [t.clone().requires_grad_() for t in (logits, features, weight, bias)]
 
     def both(x, f, w, b):
@@ -532,6 +589,7 @@ def test_torch_compile_fullgraph_matches_eager():
 
 
 @pytest.mark.parametrize("config_index", range(4))
+@pytest.mark.triton
 def test_every_launch_config(monkeypatch, config_index):
     """Each tuned config (some split an RoI's 784 pixels over several programs) gives the same result."""
     from kernels import _config, mask_loss, mask_predictor
@@ -544,16 +602,17 @@ def test_every_launch_config(monkeypatch, config_index):
         mask_loss._LOSS_CONFIGS if kind == "loss" else mask_loss._PREDICTOR_CONFIGS))
     monkeypatch.setattr(mask_predictor, "get_configs", lambda: list(mask_predictor._PREDICTOR_CONFIGS))
     logits, labels, targets = make_inputs(3, 2, 28, seed=18)
-    labels = torch.stack([labels, labels], 1).reshape(-1)[::2]  # non-contiguous labels
-    x = logits.clone().requires_grad_()
-    sigmoid_bce_mask_loss(x, labels, targets).backward()
+    labels = torch.stack([labels, labels], 1).to(DEVICE).reshape(-1)[::2]  # non-contiguous labels
+    x = logits.to(DEVICE, copy=True).requires_grad_()
+    sigmoid_bce_mask_loss(x, labels, targets.to(DEVICE)).backward()
+    labels = labels.cpu()
     ref_loss, ref_grad = reference_loss(logits, labels, targets)
-    check_grad(x.grad, ref_grad, torch.float32)
+    check_grad(x.grad.cpu(), ref_grad, torch.float32)
     features, weight, bias, plabels, ptargets = make_predictor(3, 37, 2, 28, seed=19)
-    f, w, b = (t.clone().requires_grad_() for t in (features, weight, bias))
-    loss = mask_predictor_loss(f, w, b, plabels, ptargets)
+    f, w, b = (t.to(DEVICE, copy=True).requires_grad_() for t in (features, weight, bias))
+    loss = mask_predictor_loss(f, w, b, *on(DEVICE, plabels, ptargets))
     loss.backward()
     ref = reference_predictor(features, weight, bias, plabels, ptargets)
-    torch.testing.assert_close(loss.double(), ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss.double().cpu(), ref[0], atol=1e-5, rtol=1e-5)
     for ours, theirs in zip((f.grad, w.grad, b.grad), ref[1:]):
-        check_grad(ours, theirs.view(ours.shape), torch.float32)
+        check_grad(ours.cpu(), theirs.view(ours.shape), torch.float32)

@@ -1,11 +1,13 @@
-"""Mask-target projection against torchvision's roi_heads.project_masks_on_boxes, materialized and
-inside the loss kernels (mask_targets_from_gt)."""
+"""Mask-target projection against torchvision's roi_heads.project_masks_on_boxes (on CPU), materialized and
+inside the loss kernels (mask_targets_from_gt). The Triton cases run on ``kernel_device``: CUDA on a CUDA
+host, Triton's interpreter on CPU otherwise."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import project_masks_on_boxes as tv_project
 
 import kernels
+from conftest import DEVICE, kernel_device, on
 from kernels import mask_targets_from_gt, project_masks_on_boxes
 from kernels._backend import InputError, InputTypeError
 
@@ -26,7 +28,7 @@ def make_case(R, G, H, W, seed=0):
 def test_matches_torchvision(impl, R, G, H, W, M):
     masks, boxes, matched = make_case(R, G, H, W, seed=R + M)
     with kernels.use_backend(impl):
-        ours = project_masks_on_boxes(masks, boxes, matched, M)
+        ours = project_masks_on_boxes(*on(kernel_device(impl), masks, boxes, matched), M).cpu()
     ref = tv_project(masks, boxes, matched, M)
     assert ours.shape == (R, M, M) and ours.dtype == ref.dtype
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
@@ -41,7 +43,7 @@ def test_float64_boxes_match_torchvision(impl, mask_dtype):
     masks, boxes, matched = make_case(5, 2, 21, 17, seed=10)
     masks, boxes = masks.to(mask_dtype), boxes.double()
     with kernels.use_backend(impl):
-        ours = project_masks_on_boxes(masks, boxes, matched, 7)
+        ours = project_masks_on_boxes(*on(kernel_device(impl), masks, boxes, matched), 7).cpu()
     ref = tv_project(masks, boxes, matched, 7)
     assert ours.dtype == ref.dtype == torch.float64
     torch.testing.assert_close(ours, ref, atol=1e-12, rtol=0)
@@ -55,18 +57,20 @@ def test_mask_dtypes_read_as_they_are(impl, mask_dtype):
     masks, boxes, matched = make_case(4, 2, 23, 19, seed=13)
     masks = masks.to(mask_dtype)
     with kernels.use_backend(impl):
-        ours = project_masks_on_boxes(masks, boxes, matched, 28)
+        ours = project_masks_on_boxes(*on(kernel_device(impl), masks, boxes, matched), 28).cpu()
     torch.testing.assert_close(ours, tv_project(masks, boxes, matched, 28), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.triton
 def test_float_masks_and_empty():
     masks, boxes, matched = make_case(5, 2, 17, 19, seed=3)
-    torch.testing.assert_close(project_masks_on_boxes(masks.float(), boxes, matched, 7),
+    torch.testing.assert_close(project_masks_on_boxes(*on(DEVICE, masks.float(), boxes, matched), 7).cpu(),
                                tv_project(masks.float(), boxes, matched, 7), atol=1e-6, rtol=1e-6)
-    empty = project_masks_on_boxes(masks, boxes[:0], matched[:0], 7)
+    empty = project_masks_on_boxes(*on(DEVICE, masks, boxes[:0], matched[:0]), 7)
     assert empty.shape == (0, 7, 7)
 
 
+@pytest.mark.bad_values
 def test_bad_inputs():
     """InputError / InputTypeError: ValueError / TypeError, and RuntimeError (what torchvision raises)."""
     masks, boxes, matched = make_case(4, 2, 9, 9, seed=4)
@@ -111,13 +115,14 @@ def test_loss_with_targets_from_gt_matches_projected_targets(impl, mask_dtype, R
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(R, K, M, M, generator=g) * 3
     labels = torch.randint(0, K, (R,), generator=g)
-    x = logits.clone().requires_grad_()
+    dev = kernel_device(impl)
+    x = logits.to(dev, copy=True).requires_grad_()
     with kernels.use_backend(impl):
-        loss = kernels.sigmoid_bce_mask_loss(x, labels, mask_targets_from_gt(masks, boxes, matched))
+        loss = kernels.sigmoid_bce_mask_loss(x, labels.to(dev), mask_targets_from_gt(*on(dev, masks, boxes, matched)))
         loss.backward()
     ref_loss, ref_grad = reference_bce(logits, labels, tv_project(masks, boxes, matched, M))
-    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(x.grad.double(), ref_grad, atol=1e-5 * float(ref_grad.abs().max()), rtol=0)
+    torch.testing.assert_close(loss.double().cpu(), ref_loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(x.grad.double().cpu(), ref_grad, atol=1e-5 * float(ref_grad.abs().max()), rtol=0)
 
 
 # precision of the loss with targets from gt, by logits dtype: the Triton kernels project in the loss's
@@ -140,11 +145,12 @@ def test_loss_with_targets_from_gt_float64(impl, logits_dtype, boxes_dtype, mask
     g = torch.Generator().manual_seed(3)
     logits = (torch.randn(R, K, M, M, generator=g, dtype=torch.float64) * 3).to(logits_dtype)
     labels = torch.randint(0, K, (R,), generator=g)
-    x = logits.clone().requires_grad_()
-    t = mask_targets_from_gt(masks, boxes, matched)
+    dev = kernel_device(impl)
+    x = logits.to(dev, copy=True).requires_grad_()
+    t = mask_targets_from_gt(*on(dev, masks, boxes, matched))
     assert t.boxes.dtype == (torch.float64 if boxes_dtype == torch.float64 else torch.float32)
     with kernels.use_backend(impl):
-        loss = kernels.sigmoid_bce_mask_loss(x, labels, t)
+        loss = kernels.sigmoid_bce_mask_loss(x, labels.to(dev), t).cpu()
         loss.backward()
     assert loss.dtype == logits_dtype and x.grad.dtype == logits_dtype
     # the reference projects the boxes the kernel sees (fp32 logits: boxes rounded to fp32) in fp64
@@ -152,51 +158,56 @@ def test_loss_with_targets_from_gt_float64(impl, logits_dtype, boxes_dtype, mask
     ref_loss, ref_grad = reference_bce(logits, labels, tv_project(masks.double(), seen, matched, M))
     tol = GT_LOSS_TOL[impl, logits_dtype]
     torch.testing.assert_close(loss.double(), ref_loss, atol=tol, rtol=tol)
-    torch.testing.assert_close(x.grad.double(), ref_grad, atol=10 * tol * float(ref_grad.abs().max()), rtol=0)
+    torch.testing.assert_close(x.grad.double().cpu(), ref_grad, atol=10 * tol * float(ref_grad.abs().max()), rtol=0)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_fused_predictor_with_targets_from_gt_float64(impl):
     masks, boxes, matched = make_case(4, 2, 19, 27, seed=12)
     g = torch.Generator().manual_seed(4)
-    f = torch.randn(4, 5, 7, 7, generator=g, dtype=torch.float64).requires_grad_()
-    w = torch.randn(3, 5, generator=g, dtype=torch.float64).requires_grad_()
-    b = torch.randn(3, generator=g, dtype=torch.float64).requires_grad_()
+    dev = kernel_device(impl)
+    f = torch.randn(4, 5, 7, 7, generator=g, dtype=torch.float64).to(dev).requires_grad_()
+    w = torch.randn(3, 5, generator=g, dtype=torch.float64).to(dev).requires_grad_()
+    b = torch.randn(3, generator=g, dtype=torch.float64).to(dev).requires_grad_()
     labels = torch.randint(0, 3, (4,), generator=g)
     with kernels.use_backend(impl):
-        loss = kernels.mask_predictor_loss(f, w, b, labels, mask_targets_from_gt(masks, boxes.double(), matched))
+        loss = kernels.mask_predictor_loss(f, w, b, labels.to(dev),
+                                           mask_targets_from_gt(*on(dev, masks, boxes.double(), matched)))
         loss.backward()
-    fr, wr, br = (t.detach().requires_grad_() for t in (f, w, b))
+    fr, wr, br = (t.detach().cpu().requires_grad_() for t in (f, w, b))
     logits = F.conv2d(fr, wr[:, :, None, None], br)[torch.arange(4), labels]
     ref = F.binary_cross_entropy_with_logits(logits, tv_project(masks, boxes.double(), matched, 7))
     ref.backward()
     tol = GT_LOSS_TOL[impl, torch.float64]
     assert loss.dtype == torch.float64
-    torch.testing.assert_close(loss, ref.detach(), atol=tol, rtol=tol)
+    torch.testing.assert_close(loss.cpu(), ref.detach(), atol=tol, rtol=tol)
     for ours, theirs in ((f.grad, fr.grad), (w.grad, wr.grad), (b.grad, br.grad)):
-        torch.testing.assert_close(ours, theirs, atol=10 * tol * float(theirs.abs().max()), rtol=0)
+        torch.testing.assert_close(ours.cpu(), theirs, atol=10 * tol * float(theirs.abs().max()), rtol=0)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_fused_predictor_with_targets_from_gt(impl):
     masks, boxes, matched = make_case(5, 2, 23, 31, seed=7)
     g = torch.Generator().manual_seed(2)
-    f = torch.randn(5, 6, 7, 7, generator=g).requires_grad_()
-    w = torch.randn(3, 6, generator=g).requires_grad_()
-    b = torch.randn(3, generator=g).requires_grad_()
+    dev = kernel_device(impl)
+    f = torch.randn(5, 6, 7, 7, generator=g).to(dev).requires_grad_()
+    w = torch.randn(3, 6, generator=g).to(dev).requires_grad_()
+    b = torch.randn(3, generator=g).to(dev).requires_grad_()
     labels = torch.randint(0, 3, (5,), generator=g)
     with kernels.use_backend(impl):
-        loss = kernels.mask_predictor_loss(f, w, b, labels, mask_targets_from_gt(masks, boxes, matched))
+        loss = kernels.mask_predictor_loss(f, w, b, labels.to(dev),
+                                           mask_targets_from_gt(*on(dev, masks, boxes, matched)))
         loss.backward()
-    fr, wr, br = (t.detach().double().requires_grad_() for t in (f, w, b))
+    fr, wr, br = (t.detach().cpu().double().requires_grad_() for t in (f, w, b))
     logits = F.conv2d(fr, wr[:, :, None, None], br)[torch.arange(5), labels]
     ref = F.binary_cross_entropy_with_logits(logits, tv_project(masks, boxes, matched, 7).double())
     ref.backward()
-    torch.testing.assert_close(loss.double(), ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss.double().cpu(), ref.detach(), atol=1e-5, rtol=1e-5)
     for ours, theirs in ((f.grad, fr.grad), (w.grad, wr.grad), (b.grad, br.grad)):
-        torch.testing.assert_close(ours.double(), theirs, atol=1e-5 * float(theirs.abs().max()), rtol=0)
+        torch.testing.assert_close(ours.double().cpu(), theirs, atol=1e-5 * float(theirs.abs().max()), rtol=0)
 
 
+@pytest.mark.bad_values
 def test_targets_from_gt_bad_inputs_and_bounds():
     masks, boxes, matched = make_case(4, 2, 9, 9, seed=8)
     logits = torch.randn(4, 2, 7, 7)
@@ -218,15 +229,17 @@ def test_targets_from_gt_bad_inputs_and_bounds():
     torch.testing.assert_close(raw.double(), ref, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.triton
 def test_opcheck_targets_from_gt():
-    masks, boxes, matched = make_case(3, 2, 11, 13, seed=9)
-    logits = torch.randn(3, 2, 7, 7, requires_grad=True)
+    masks, boxes, matched = on(DEVICE, *make_case(3, 2, 11, 13, seed=9))
+    logits = torch.randn(3, 2, 7, 7).to(DEVICE).requires_grad_()
     t = mask_targets_from_gt(masks, boxes, matched)
     torch.library.opcheck(torch.ops.maskrcnn_fast.sigmoid_bce_mask_loss.default,
-                          (logits, torch.tensor([0, 1, 1]), *t, None, True))
+                          (logits, torch.tensor([0, 1, 1], device=DEVICE), *t, None, True))
 
 
+@pytest.mark.triton
 def test_opcheck_project_masks():
-    masks, boxes, matched = make_case(3, 2, 11, 13, seed=14)
+    masks, boxes, matched = on(DEVICE, *make_case(3, 2, 11, 13, seed=14))
     rois = torch.cat([matched.float()[:, None], boxes], 1)
     torch.library.opcheck(torch.ops.maskrcnn_fast.project_masks_on_boxes.default, (masks, rois, 7))

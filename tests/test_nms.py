@@ -1,7 +1,8 @@
 """NMS, batched NMS and the sync-free padded form against torchvision and across backends.
 
-A test taking the ``backend`` fixture runs once per backend: "triton" (the kernels, in Triton's
-interpreter on CPU) and "torch" (the CPU backend built on torchvision's compiled nms).
+A test taking the ``backend`` fixture runs once per backend: "triton" (the kernels: on CUDA tensors on a
+CUDA host, in Triton's interpreter on CPU otherwise; ``kernel_device`` in tests/conftest.py) and "torch" (the
+CPU backend built on torchvision's compiled nms). References stay on CPU.
 """
 import importlib
 
@@ -11,6 +12,7 @@ import torch
 import torchvision
 
 import kernels
+from conftest import DEVICE, amp_device, kernel_device, on
 from kernels import batched_nms, nms, nms_padded
 from maskrcnn_fast.syncs import count_syncs
 
@@ -61,7 +63,7 @@ def greedy_reference(boxes, scores, thr, idxs=None):
 @pytest.mark.parametrize("thr", [0.0, 0.3, 0.5, 0.7, 1.0])
 def test_nms_matches_torchvision(n, thr, backend):
     boxes, scores = clustered_boxes(n, seed=n)
-    ours = nms(boxes, scores, thr)
+    ours = nms(*on(kernel_device(backend), boxes, scores), thr).cpu()
     ref = torchvision.ops.nms(boxes, scores, thr)
     assert ours.dtype == torch.int64
     assert torch.equal(ours, ref)
@@ -69,10 +71,11 @@ def test_nms_matches_torchvision(n, thr, backend):
         assert len(ref) < n  # the clustered boxes do suppress each other
 
 
+@pytest.mark.triton
 def test_nms_two_thousand_boxes():
     boxes, scores = clustered_boxes(2001, seed=7, n_clusters=150)
     ref = torchvision.ops.nms(boxes, scores, 0.5)
-    assert torch.equal(nms(boxes, scores, 0.5), ref)
+    assert torch.equal(nms(*on(DEVICE, boxes, scores), 0.5).cpu(), ref)
     assert 150 <= len(ref) < 2001
 
 
@@ -82,7 +85,7 @@ def test_batched_nms_matches_torchvision(n_classes, thr, backend):
     boxes, scores = clustered_boxes(301, seed=n_classes)
     idxs = torch.randint(0, n_classes, (301,), generator=torch.Generator().manual_seed(1))
     ref = torchvision.ops.batched_nms(boxes, scores, idxs, thr)
-    assert torch.equal(batched_nms(boxes, scores, idxs, thr), ref)
+    assert torch.equal(batched_nms(*on(kernel_device(backend), boxes, scores, idxs), thr).cpu(), ref)
     assert len(ref) < 301
 
 
@@ -93,7 +96,7 @@ def test_tied_scores_identical_and_zero_area_boxes(backend):
     boxes[20, 2:] = boxes[20, :2]  # zero area
     boxes[21] = boxes[20]
     for thr in (0.0, 0.5, 1.0):
-        ours = nms(boxes, scores, thr)
+        ours = nms(*on(kernel_device(backend), boxes, scores), thr).cpu()
         assert torch.equal(ours, greedy_reference(boxes, scores, thr))
         # torchvision agrees wherever its own (unstable) tie order happens to be stable
         assert set(ours.tolist()) == set(torchvision.ops.nms(boxes, scores, thr).tolist())
@@ -103,15 +106,17 @@ def test_fp16_and_bf16_boxes(backend):
     boxes, scores = clustered_boxes(129, seed=11)
     for dtype in (torch.float16, torch.bfloat16):
         b = boxes.to(dtype)
-        assert torch.equal(nms(b, scores, 0.5), torchvision.ops.nms(b.float(), scores, 0.5))
+        assert torch.equal(nms(*on(kernel_device(backend), b, scores), 0.5).cpu(),
+                           torchvision.ops.nms(b.float(), scores, 0.5))
 
 
 def test_degenerate_nan_and_inf(backend):
+    dev = kernel_device(backend)
     boxes, scores = clustered_boxes(40, seed=5)
     boxes[3] = torch.tensor([50.0, 50.0, 40.0, 40.0])  # x2 < x1: IoU <= 0, as torchvision
     boxes[4] = boxes[3]
     ref = torchvision.ops.nms(boxes, scores, 0.5)
-    assert torch.equal(nms(boxes, scores, 0.5), ref)
+    assert torch.equal(nms(*on(dev, boxes, scores), 0.5).cpu(), ref)
     bad = boxes.clone()
     bad[0, 2] = float("nan")
     bad[1, 0] = float("-inf")
@@ -119,14 +124,14 @@ def test_degenerate_nan_and_inf(backend):
     scores2 = scores.clone()
     scores2[[0, 1, 2]] = 2.0  # highest scores: if they could suppress, they would
     bad[[0, 1, 2]] = torch.where(torch.isfinite(bad[[0, 1, 2]]), boxes[5].expand(3, 4), bad[[0, 1, 2]])
-    kept = nms(bad, scores2, 0.3)
+    kept = nms(*on(dev, bad, scores2), 0.3).cpu()
     assert {0, 1, 2} <= set(kept.tolist())  # never suppressed
     finite = torch.arange(3, 40)
     ref = finite[torchvision.ops.nms(bad[3:], scores2[3:], 0.3)]
     assert torch.equal(kept[3:], ref)  # and never suppress anything
     nan_scores = scores.clone()
     nan_scores[[7, 8]] = float("nan")
-    assert not {7, 8} & set(nms(boxes, nan_scores, 0.5).tolist())
+    assert not {7, 8} & set(nms(*on(dev, boxes, nan_scores), 0.5).tolist())
 
 
 @pytest.mark.parametrize("with_classes", [False, True])
@@ -139,7 +144,8 @@ def test_nms_padded_per_image_with_padding(with_classes, backend):
     idxs = torch.randint(0, 4, (B, N), generator=g)
     for b, (bx, sc) in enumerate(per_image):
         boxes[b, :len(bx)], scores[b, :len(bx)] = bx, sc
-    keep, num = nms_padded(boxes, scores, 0.5, 40, idxs=idxs if with_classes else None)
+    dev = kernel_device(backend)
+    keep, num = on("cpu", *nms_padded(*on(dev, boxes, scores), 0.5, 40, idxs=idxs.to(dev) if with_classes else None))
     assert keep.shape == (3, 40) and num.shape == (3,)
     for b, (bx, sc) in enumerate(per_image):
         n = len(bx)
@@ -158,6 +164,7 @@ def test_nms_padded_makes_no_host_sync(backend, n):
     boxes, scores = clustered_boxes(2 * n, seed=9)
     boxes, scores = boxes.reshape(2, n, 4), scores.reshape(2, n)
     idxs = torch.randint(0, 3, (2, n), generator=torch.Generator().manual_seed(0))
+    boxes, scores, idxs = on(kernel_device(backend), boxes, scores, idxs)
     # the op's body, so that the counter also sees every op inside the custom op
     impl = importlib.import_module("kernels.nms")._nms_padded._init_fn
     with kernels.use_backend(backend), count_syncs() as counts:
@@ -172,12 +179,15 @@ def test_infinite_scores_are_kept_like_any_other(backend):
     scores = torch.tensor([float("inf"), 0.9, 0.5])  # +inf ranks first; only -inf marks padding
     expected = torchvision.ops.nms(boxes, scores, 0.5)
     assert expected.tolist() == [0, 2]
-    assert torch.equal(nms(boxes, scores, 0.5), expected)
-    assert torch.equal(batched_nms(boxes, scores, torch.zeros(3, dtype=torch.int64), 0.5), expected)
+    boxes, scores = on(kernel_device(backend), boxes, scores)
+    assert torch.equal(nms(boxes, scores, 0.5).cpu(), expected)
+    assert torch.equal(batched_nms(boxes, scores, torch.zeros(3, dtype=torch.int64, device=boxes.device), 0.5).cpu(),
+                       expected)
     keep, num = nms_padded(boxes[None], scores[None], 0.5, 3)
     assert keep[0].tolist() == [0, 2, -1] and num.tolist() == [2]
 
 
+@pytest.mark.triton
 def test_torch_backend_per_class_path_equals_kernel_above_threshold():
     from kernels._nms_torch import PER_CLASS_ABOVE
     n = PER_CLASS_ABOVE + 37
@@ -189,7 +199,7 @@ def test_torch_backend_per_class_path_equals_kernel_above_threshold():
         got = batched_nms(boxes, scores, idxs, 0.5)
         padded, count = nms_padded(boxes[None], scores[None], 0.5, n, idxs=idxs[None])
     with kernels.use_backend("triton"):
-        ref = batched_nms(boxes, scores, idxs, 0.5)
+        ref = batched_nms(*on(DEVICE, boxes, scores, idxs), 0.5).cpu()
     assert torch.equal(got, ref) and torch.equal(padded[0, :int(count[0])], ref)
     assert len(ref) < n - 1  # suppression happened
 
@@ -224,6 +234,7 @@ def awkward_batch(n, seed=0):
 @pytest.mark.parametrize("n", [0, 1, 65, 300])
 @pytest.mark.parametrize("with_classes", [False, True])
 @pytest.mark.parametrize("thr", [0.0, 0.5, -0.1])
+@pytest.mark.triton
 def test_torch_backend_equals_kernels(n, with_classes, thr):
     boxes, scores, idxs = awkward_batch(n, seed=n)
     idxs = idxs if with_classes else None
@@ -231,7 +242,8 @@ def test_torch_backend_equals_kernels(n, with_classes, thr):
         out = {}
         for name in BACKENDS:
             with kernels.use_backend(name):
-                out[name] = nms_padded(boxes, scores, thr, max_output, idxs=idxs)
+                out[name] = on("cpu", *nms_padded(*on(kernel_device(name), boxes, scores), thr, max_output,
+                                                  idxs=None if idxs is None else idxs.to(kernel_device(name))))
         assert torch.equal(out["torch"][0], out["triton"][0]) and torch.equal(out["torch"][1], out["triton"][1])
     if n == 300:
         keep, num = out["torch"]
@@ -257,7 +269,7 @@ def test_random_boxes_with_a_pair_just_above_threshold(backend, thr):
     n = 1000
     for seed in range(2):
         boxes, scores = iou_pair_boxes(n, thr, seed)
-        keep = nms(boxes, scores, thr)
+        keep = nms(*on(kernel_device(backend), boxes, scores), thr).cpu()
         assert torch.equal(keep, torchvision.ops.nms(boxes, scores, thr))
         assert not {0, n - 1} <= set(keep.tolist())  # the pair never survives together
 
@@ -315,7 +327,8 @@ def test_iou_one_ulp_either_side_of_the_threshold(backend, thr):
     ref = [torchvision.ops.nms(pairs[p], scores[p], thr) for p in range(P)]
     # the construction is what it claims: torchvision suppresses exactly the pairs one ulp above
     assert [len(r) for r in ref] == [1 if off > 0 else 2 for off in offsets]
-    keep, num = nms_padded(pairs, scores, thr, 2)  # one pair per image
+    dev = kernel_device(backend)
+    keep, num = on("cpu", *nms_padded(*on(dev, pairs, scores), thr, 2))  # one pair per image
     for p in range(P):
         assert torch.equal(keep[p, :int(num[p])], ref[p]), (p, offsets[p])
     if backend == "triton":  # all pairs in one image, a class each (the torch backend's class strips are fp64)
@@ -323,47 +336,53 @@ def test_iou_one_ulp_either_side_of_the_threshold(backend, thr):
         kept = torch.cat([r + 2 * p for p, r in enumerate(ref)])
         expected = kept[torch.sort(flat_scores[kept], descending=True, stable=True).indices]
         ids = torch.arange(P).repeat_interleave(2)
-        assert torch.equal(batched_nms(pairs.reshape(-1, 4), flat_scores, ids, thr), expected)
+        assert torch.equal(batched_nms(*on(dev, pairs.reshape(-1, 4), flat_scores, ids), thr).cpu(), expected)
 
 
 def test_float64_boxes(backend):
     boxes, scores = clustered_boxes(257, seed=13, dtype=torch.float64)
     scores = scores.double()
     idxs = torch.randint(0, 4, (257,), generator=torch.Generator().manual_seed(13))
-    assert torch.equal(nms(boxes, scores, 0.5), torchvision.ops.nms(boxes, scores, 0.5))
-    assert torch.equal(batched_nms(boxes, scores, idxs, 0.5), torchvision.ops.batched_nms(boxes, scores, idxs, 0.5))
+    dev = kernel_device(backend)
+    assert torch.equal(nms(*on(dev, boxes, scores), 0.5).cpu(), torchvision.ops.nms(boxes, scores, 0.5))
+    assert torch.equal(batched_nms(*on(dev, boxes, scores, idxs), 0.5).cpu(),
+                       torchvision.ops.batched_nms(boxes, scores, idxs, 0.5))
     # IoU = (1 - x) / (1 + x) with x a hair below 1/3: just above 0.5 in fp64; x's fp32 rounding lands below 0.5
     x = 1 / 3 - 1e-12
     pair = torch.tensor([[0, 0, 1, 1], [x, 0, x + 1, 1]], dtype=torch.float64)
     two = torch.tensor([0.9, 0.8], dtype=torch.float64)
-    assert nms(pair, two, 0.5).tolist() == torchvision.ops.nms(pair, two, 0.5).tolist() == [0]
-    assert nms(pair.float(), two.float(), 0.5).tolist() == [0, 1]
+    assert nms(*on(dev, pair, two), 0.5).tolist() == torchvision.ops.nms(pair, two, 0.5).tolist() == [0]
+    assert nms(*on(dev, pair.float(), two.float()), 0.5).tolist() == [0, 1]
     # the threshold is rounded to fp32: an IoU between 0.3 and fp32(0.3) = 0.3000000119 does not suppress
     iou = 0.300000006
     x = (1 - iou) / (1 + iou)
     pair = torch.tensor([[0, 0, 1, 1], [x, 0, x + 1, 1]], dtype=torch.float64)
-    assert nms(pair, two, 0.3).tolist() == [0, 1]
-    assert batched_nms(pair, two, torch.zeros(2, dtype=torch.int64), 0.3).tolist() == [0, 1]
+    assert nms(*on(dev, pair, two), 0.3).tolist() == [0, 1]
+    assert batched_nms(*on(dev, pair, two, torch.zeros(2, dtype=torch.int64)), 0.3).tolist() == [0, 1]
 
 
 def test_fp16_boxes_keep_what_fp32_keeps(backend):
     boxes = torch.tensor([[285.3538, 185.5758, 1193.5110, 851.4551], [285.1472, 188.7374, 1192.4984, 851.0669],
                           [279.2440, 197.9812, 1189.4746, 849.2019]])
     scores = torch.tensor([0.6370, 0.7569, 0.3966])
-    keep = nms(boxes, scores, 0.2)
+    dev = kernel_device(backend)
+    keep = nms(*on(dev, boxes, scores), 0.2).cpu()
     assert torch.equal(keep, torchvision.ops.nms(boxes, scores, 0.2))
-    assert torch.equal(nms(boxes.half(), scores.half(), 0.2), keep)
+    assert torch.equal(nms(*on(dev, boxes.half(), scores.half()), 0.2).cpu(), keep)
 
 
 def test_autocast_changes_nothing(backend, monkeypatch):
+    dev = kernel_device(backend)
+    amp = amp_device(dev)
     seen = []  # whether autocast was on inside the op bodies
     for module, name in (("kernels.nms", "_sorted_inputs"), ("kernels._nms_torch", "_torch_nms_image"),
                          ("kernels._nms_torch", "_torch_nms_flat_common_case")):  # every path meets one
         mod = importlib.import_module(module)
         fn = getattr(mod, name)
-        monkeypatch.setattr(mod, name, lambda *a, fn=fn: seen.append(torch.is_autocast_enabled("cpu")) or fn(*a))
+        monkeypatch.setattr(mod, name, lambda *a, fn=fn: seen.append(torch.is_autocast_enabled(amp)) or fn(*a))
     boxes, scores = clustered_boxes(130, seed=12)
     idxs = torch.randint(0, 3, (130,), generator=torch.Generator().manual_seed(12))
+    boxes, scores, idxs = on(dev, boxes, scores, idxs)
 
     def run(b, s):
         return [nms(b, s, 0.5), batched_nms(b, s, idxs, 0.5), *nms_padded(b[None], s[None], 0.5, 30, idxs=idxs[None])]
@@ -371,19 +390,20 @@ def test_autocast_changes_nothing(backend, monkeypatch):
     for dtype in (torch.float32, torch.float64):
         b, s = boxes.to(dtype), scores.to(dtype)
         plain = run(b, s)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(amp, dtype=torch.bfloat16):
             under_autocast = run(b, s)
         assert all(torch.equal(p, a) for p, a in zip(plain, under_autocast))
     assert len(seen) >= 12 and not any(seen)
 
 
 def test_empty_inputs(backend):
-    for out in (batched_nms(torch.empty((0,), dtype=torch.int64), None, None, None),  # as torchvision: no checks
-                nms(torch.empty(0, 4), torch.empty(0), 0.5),
-                batched_nms(torch.empty(0, 4, dtype=torch.float64), torch.empty(0), torch.empty(0, dtype=torch.int64),
-                            0.5)):
-        assert out.dtype == torch.int64 and out.shape == (0,) and out.device.type == "cpu"
-    keep, num = nms_padded(torch.zeros(2, 0, 4), torch.zeros(2, 0), 0.5, 4)
+    dev = kernel_device(backend)
+    for out in (batched_nms(torch.empty((0,), dtype=torch.int64, device=dev), None, None, None),  # as torchvision:
+                nms(torch.empty(0, 4, device=dev), torch.empty(0, device=dev), 0.5),               # no checks
+                batched_nms(torch.empty(0, 4, dtype=torch.float64, device=dev), torch.empty(0, device=dev),
+                            torch.empty(0, dtype=torch.int64, device=dev), 0.5)):
+        assert out.dtype == torch.int64 and out.shape == (0,) and out.device.type == torch.device(dev).type
+    keep, num = on("cpu", *nms_padded(torch.zeros(2, 0, 4, device=dev), torch.zeros(2, 0, device=dev), 0.5, 4))
     assert (keep == -1).all() and keep.shape == (2, 4) and (num == 0).all()
 
 
@@ -438,13 +458,16 @@ def test_bad_inputs():
     assert (empty_keep == -1).all() and (empty_num == 0).all()
 
 
+@pytest.mark.triton
 def test_opcheck_and_compile():
     boxes, scores = clustered_boxes(70, seed=1)
     idxs = torch.randint(0, 3, (1, 70))
+    ref = torchvision.ops.nms(boxes, scores, 0.5)[:10]
+    boxes, scores, idxs = on(DEVICE, boxes, scores, idxs)
     torch.library.opcheck(torch.ops.maskrcnn_fast.nms_padded.default, (boxes[None], scores[None], idxs, 0.5, 10))
     fn = torch.compile(lambda b, s: nms_padded(b, s, 0.5, 10), fullgraph=True, backend="aot_eager")
     keep, num = fn(boxes[None], scores[None])
-    assert torch.equal(keep[0, :int(num[0])], torchvision.ops.nms(boxes, scores, 0.5)[:10])
+    assert torch.equal(keep[0, :int(num[0])].cpu(), ref)
 
 
 @pytest.mark.gpu
@@ -462,6 +485,7 @@ def test_cuda_post_processing_shape():
 
 @pytest.mark.parametrize("ids", ["dense", "sparse", "huge_adjacent"])
 @pytest.mark.parametrize("special", [False, True])
+@pytest.mark.triton
 def test_flat_drop_in_cpu_paths_equal_kernels(ids, special):
     """The eager CPU drop-in has a lean path (every box finite, every score > -inf, dense class ids) and the
     general one: both give the kernels' keep list, whichever inputs pick them."""
@@ -473,8 +497,9 @@ def test_flat_drop_in_cpu_paths_equal_kernels(ids, special):
             "huge_adjacent": 2**60 + idxs.remainder(2)}[ids]  # ids that fp64 cannot tell apart
     out = {}
     for name in BACKENDS:
+        b, s, i = on(kernel_device(name), boxes, scores, idxs)
         with kernels.use_backend(name):
-            out[name] = (batched_nms(boxes, scores, idxs, 0.5), nms(boxes, scores, 0.5))
+            out[name] = on("cpu", batched_nms(b, s, i, 0.5), nms(b, s, 0.5))
     assert torch.equal(out["torch"][0], out["triton"][0])
     assert torch.equal(out["torch"][1], out["triton"][1])
     assert len(out["torch"][0]) < 300 and len(out["torch"][1]) < len(out["torch"][0])
@@ -498,6 +523,7 @@ def test_class_ids_2_to_the_32_apart_stay_apart(backend):
     boxes = torch.tensor([[0.0, 0, 10, 10], [0.5, 0, 10, 10], [0, 0.5, 10, 10]])
     scores = torch.tensor([0.9, 0.8, 0.7])
     idxs = torch.tensor([0, 2**32, 0])
+    boxes, scores, idxs = on(kernel_device(backend), boxes, scores, idxs)
     assert batched_nms(boxes, scores, idxs, 0.5).tolist() == [0, 1]
     keep, num = nms_padded(boxes[None], scores[None], 0.5, 3, idxs=idxs[None])
     assert keep[0, :int(num[0])].tolist() == [0, 1]
@@ -508,8 +534,9 @@ def test_fp64_scores_are_ordered_as_they_are(backend):
     the scores in fp32 would tie them and keep the first)."""
     boxes = torch.tensor([[0.0, 0, 10, 10], [0.0, 0, 10, 10]])
     scores = torch.tensor([1.0, 1.0 + 1e-12], dtype=torch.float64)
+    boxes, scores, idxs = on(kernel_device(backend), boxes, scores, torch.tensor([3, 3]))
     assert nms(boxes, scores, 0.5).tolist() == [1]
-    assert batched_nms(boxes, scores, torch.tensor([3, 3]), 0.5).tolist() == [1]
+    assert batched_nms(boxes, scores, idxs, 0.5).tolist() == [1]
 
 
 def test_fp64_boxes_near_the_top_of_the_range_with_classes(backend):
@@ -522,4 +549,4 @@ def test_fp64_boxes_near_the_top_of_the_range_with_classes(backend):
     idxs = torch.tensor([0, 0, 1, 1])
     ref = torch.cat([torchvision.ops.nms(boxes[idxs == c], scores[idxs == c], 0.5).add(2 * c) for c in (0, 1)])
     assert ref.tolist() == [0, 2]
-    assert batched_nms(boxes, scores, idxs, 0.5).tolist() == ref.tolist()
+    assert batched_nms(*on(kernel_device(backend), boxes, scores, idxs), 0.5).tolist() == ref.tolist()

@@ -1,4 +1,5 @@
-"""RoIAlign, multi-level RoIAlign and RoIPool against torchvision (Triton interpreter on CPU)."""
+"""RoIAlign, multi-level RoIAlign and RoIPool against torchvision on CPU. The Triton cases run on
+``kernel_device``: CUDA on a CUDA host, Triton's interpreter on CPU otherwise (tests/conftest.py)."""
 import importlib
 import itertools
 from collections import OrderedDict
@@ -8,6 +9,7 @@ import torch
 import torchvision
 
 import kernels
+from conftest import DEVICE, amp_device, kernel_device, on
 from kernels import multiscale_roi_align, roi_align, roi_pool
 
 # dtype -> (atol, rtol) against torchvision run in fp32 on the same (rounded) values
@@ -29,10 +31,11 @@ def make_boxes(n_boxes, batch, height, width, scale, seed=0):
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("sampling_ratio", [-1, 1, 2])
 @pytest.mark.parametrize("output_size", [(7, 7), (5, 3)])
+@pytest.mark.triton
 def test_roi_align_forward_matches_torchvision(aligned, sampling_ratio, output_size):
     x = torch.randn(2, 13, 11, 9)
     boxes = make_boxes(7, 2, 11, 9, 0.5)
-    ours = roi_align(x, boxes, output_size, 0.5, sampling_ratio, aligned)
+    ours = roi_align(*on(DEVICE, x, boxes), output_size, 0.5, sampling_ratio, aligned).cpu()
     ref = torchvision.ops.roi_align(x, boxes, output_size, 0.5, sampling_ratio, aligned)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     assert ref.abs().sum() > 0
@@ -40,57 +43,61 @@ def test_roi_align_forward_matches_torchvision(aligned, sampling_ratio, output_s
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.triton
 def test_roi_align_dtypes_and_layouts(dtype, channels_last):
     x = torch.randn(2, 33, 13, 7).to(dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     boxes = make_boxes(5, 2, 13, 7, 1.0, seed=1)
-    ours = roi_align(x, boxes, (7, 7), 1.0, 2, True)
+    ours = roi_align(*on(DEVICE, x, boxes), (7, 7), 1.0, 2, True).cpu()
     assert ours.dtype == dtype
     ref = torchvision.ops.roi_align(x.float(), boxes, (7, 7), 1.0, 2, True)
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(ours.float(), ref, atol=atol, rtol=rtol)
 
 
+@pytest.mark.triton
 def test_roi_align_non_contiguous_input_and_boxes_list():
     base = torch.randn(2, 9, 14, 22)
-    x = base[:, ::2, :, 1:20:2]  # strided in channels and width
+    x = base.to(DEVICE)[:, ::2, :, 1:20:2]  # strided in channels and width
     assert not x.is_contiguous()
     boxes = [torch.tensor([[0.5, 1.0, 6.0, 9.0], [2.0, 2.0, 3.0, 12.0]]), torch.tensor([[1.0, 1.0, 8.0, 8.0]])]
-    ours = roi_align(x, boxes, 4, 1.0, -1, False)
-    ref = torchvision.ops.roi_align(x.contiguous(), boxes, 4, 1.0, -1, False)
+    ours = roi_align(x, list(on(DEVICE, *boxes)), 4, 1.0, -1, False).cpu()
+    ref = torchvision.ops.roi_align(base[:, ::2, :, 1:20:2].contiguous(), boxes, 4, 1.0, -1, False)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("bins_first", [False, True])  # NCHW tile orientation (chosen per triton version)
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("sampling_ratio", [-1, 2])
+@pytest.mark.triton
 def test_roi_align_backward_matches_torchvision(aligned, sampling_ratio, bins_first, monkeypatch):
     monkeypatch.setattr(importlib.import_module("kernels.roi_align"), "_bins_first", lambda cl: cl or bins_first)
     x = torch.randn(2, 7, 11, 13, dtype=torch.float64).float()
     boxes = make_boxes(9, 2, 11, 13, 0.5, seed=2)
     grad = torch.randn(9, 7, 5, 3)
-    ours_x = x.clone().requires_grad_()
-    ours = roi_align(ours_x, boxes, (5, 3), 0.5, sampling_ratio, aligned, deterministic=False)
-    ours.backward(grad)
+    ours_x = x.to(DEVICE, copy=True).requires_grad_()
+    ours = roi_align(ours_x, boxes.to(DEVICE), (5, 3), 0.5, sampling_ratio, aligned, deterministic=False)
+    ours.backward(grad.to(DEVICE))
     ref_x = x.clone().requires_grad_()
     ref = torchvision.ops.roi_align(ref_x, boxes, (5, 3), 0.5, sampling_ratio, aligned)
     ref.backward(grad)
-    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ours_x.grad, ref_x.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.cpu(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours_x.grad.cpu(), ref_x.grad, atol=1e-5, rtol=1e-5)
     assert ref_x.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.triton
 def test_deterministic_backward_is_bitwise_reproducible_and_correct(dtype):
     x = torch.randn(2, 11, 9, 9).to(dtype).to(memory_format=torch.channels_last)
     boxes = make_boxes(13, 2, 9, 9, 1.0, seed=3)
     grad = torch.randn(13, 11, 7, 7).to(dtype)
     grads = []
     for _ in range(2):
-        leaf = x.clone().requires_grad_()
-        roi_align(leaf, boxes, 7, 1.0, 2, False, deterministic=True).backward(grad)
-        grads.append(leaf.grad)
+        leaf = x.to(DEVICE, copy=True).requires_grad_()  # keeps channels_last
+        roi_align(leaf, boxes.to(DEVICE), 7, 1.0, 2, False, deterministic=True).backward(grad.to(DEVICE))
+        grads.append(leaf.grad.cpu())
     assert grads[0].is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(grads[0], grads[1])
     ref_x = x.float().clone().requires_grad_()
@@ -99,21 +106,22 @@ def test_deterministic_backward_is_bitwise_reproducible_and_correct(dtype):
     torch.testing.assert_close(grads[0].float(), ref_x.grad, atol=atol, rtol=rtol)
 
 
+@pytest.mark.triton
 def test_deterministic_mode_follows_torch_flag():
-    x = torch.randn(1, 3, 8, 8, requires_grad=True)
+    x = torch.randn(1, 3, 8, 8).to(DEVICE).requires_grad_()
     boxes = torch.tensor([[0, 1.0, 1.0, 6.0, 6.0]])
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        out = roi_align(x, boxes, 3, 1.0, 2, False)
+        out = roi_align(x, boxes.to(DEVICE), 3, 1.0, 2, False)
     finally:
         torch.use_deterministic_algorithms(prev)
     assert out.grad_fn is not None
     # the flag travels with the op; the backward then runs the fixed-point kernel
     out.sum().backward()
-    ref_x = x.detach().clone().requires_grad_()
+    ref_x = x.detach().cpu().requires_grad_()
     torchvision.ops.roi_align(ref_x, boxes, 3, 1.0, 2, False).sum().backward()
-    torch.testing.assert_close(x.grad, ref_x.grad)
+    torch.testing.assert_close(x.grad.cpu(), ref_x.grad)
 
 
 def fpn_inputs(seed=0, dtype=torch.float32):
@@ -136,17 +144,18 @@ def test_multiscale_roi_align_matches_torchvision(backend, dtype):
     ref = pooler(OrderedDict((str(i), f) for i, f in enumerate(ref_feats)), boxes, [img, img])
     levels = pooler.map_levels(boxes)
     assert set(levels.tolist()) == {0, 1, 2, 3}
-    ours_feats = [f.detach().clone().requires_grad_() for f in feats]
+    dev = kernel_device(backend)
+    ours_feats = [f.detach().to(dev, copy=True).requires_grad_() for f in feats]
     grad = torch.randn_like(ref)
     with kernels.use_backend(backend):
-        ours = multiscale_roi_align(ours_feats, boxes, 7, [1 / 4, 1 / 8, 1 / 16, 1 / 32], 2)
-        ours.backward(grad.to(dtype))
+        ours = multiscale_roi_align(ours_feats, list(on(dev, *boxes)), 7, [1 / 4, 1 / 8, 1 / 16, 1 / 32], 2)
+        ours.backward(grad.to(dtype).to(dev))
     atol, rtol = TOL[dtype]
-    torch.testing.assert_close(ours.float(), ref, atol=atol, rtol=rtol)
+    torch.testing.assert_close(ours.float().cpu(), ref, atol=atol, rtol=rtol)
     ref.backward(grad)
     for o, r in zip(ours_feats, ref_feats):
         assert r.grad.abs().sum() > 0  # every level receives gradient
-        torch.testing.assert_close(o.grad.float(), r.grad, atol=atol, rtol=rtol)
+        torch.testing.assert_close(o.grad.float().cpu(), r.grad, atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -155,26 +164,28 @@ def test_roi_pool_matches_torchvision(backend):
     boxes = make_boxes(9, 2, 13, 11, 0.5, seed=4)
     boxes[1, 1:] = torch.tensor([2.5, 0.5, 3.5, 1.5])  # half-way rounding
     grad = torch.randn(9, 7, 5, 3)
+    dev = kernel_device(backend)
     with kernels.use_backend(backend):
-        ours_x = x.clone().requires_grad_()
-        ours = roi_pool(ours_x, boxes, (5, 3), 0.5)
-        ours.backward(grad)
+        ours_x = x.to(dev, copy=True).requires_grad_()
+        ours = roi_pool(ours_x, boxes.to(dev), (5, 3), 0.5)
+        ours.backward(grad.to(dev))
     ref_x = x.clone().requires_grad_()
     ref = torchvision.ops.roi_pool(ref_x, boxes, (5, 3), 0.5)
     ref.backward(grad)
-    torch.testing.assert_close(ours, ref)
-    torch.testing.assert_close(ours_x.grad, ref_x.grad)
+    torch.testing.assert_close(ours.cpu(), ref)
+    torch.testing.assert_close(ours_x.grad.cpu(), ref_x.grad)
 
 
+@pytest.mark.triton
 def test_roi_pool_deterministic_backward_bitwise():
     x = torch.randn(1, 5, 9, 9)
     boxes = torch.tensor([[0, 0.0, 0.0, 8.0, 8.0]] * 6)  # identical boxes hit the same cells
     grad = torch.randn(6, 5, 2, 2)
     grads = []
     for _ in range(2):
-        leaf = x.clone().requires_grad_()
-        roi_pool(leaf, boxes, 2, 1.0, deterministic=True).backward(grad)
-        grads.append(leaf.grad)
+        leaf = x.to(DEVICE, copy=True).requires_grad_()
+        roi_pool(leaf, boxes.to(DEVICE), 2, 1.0, deterministic=True).backward(grad.to(DEVICE))
+        grads.append(leaf.grad.cpu())
     assert torch.equal(grads[0], grads[1])
     ref_x = x.clone().requires_grad_()
     torchvision.ops.roi_pool(ref_x, boxes, 2, 1.0).backward(grad)
@@ -187,31 +198,34 @@ def test_torch_fallback_and_interpreter_agree_with_torchvision(backend):
     x = feats[0]
     rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i)), b], 1) for i, b in enumerate(boxes)])
     grad = torch.randn(len(rois), 5, 6, 6)
+    dev = kernel_device(backend)
     with kernels.use_backend(backend):
-        leaf = x.clone().requires_grad_()
-        ours = roi_align(leaf, rois, 6, 0.25, -1, True)
-        ours.backward(grad)
+        leaf = x.to(dev, copy=True).requires_grad_()
+        ours = roi_align(leaf, rois.to(dev), 6, 0.25, -1, True)
+        ours.backward(grad.to(dev))
     ref_x = x.clone().requires_grad_()
     ref = torchvision.ops.roi_align(ref_x, rois, 6, 0.25, -1, True)
     ref.backward(grad)
-    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(leaf.grad, ref_x.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.cpu(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(leaf.grad.cpu(), ref_x.grad, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_empty_and_nan_boxes(backend):
-    x = torch.randn(1, 3, 8, 8)
+    dev = kernel_device(backend)
+    x = torch.randn(1, 3, 8, 8).to(dev)
     with kernels.use_backend(backend):
-        empty = roi_align(x, torch.zeros(0, 5), 7)
+        empty = roi_align(x, torch.zeros(0, 5, device=dev), 7)
         assert empty.shape == (0, 3, 7, 7)
-        assert roi_pool(x, torch.zeros(0, 5), 2).shape == (0, 3, 2, 2)
-        nan_box = torch.tensor([[0, float("nan"), 1.0, 5.0, 5.0], [0, 1.0, 1.0, float("inf"), 5.0]])
-        out = roi_align(x, nan_box, 3, 1.0, -1, False)
+        assert roi_pool(x, torch.zeros(0, 5, device=dev), 2).shape == (0, 3, 2, 2)
+        nan_box = torch.tensor([[0, float("nan"), 1.0, 5.0, 5.0], [0, 1.0, 1.0, float("inf"), 5.0]]).to(dev)
+        out = roi_align(x, nan_box, 3, 1.0, -1, False).cpu()
         assert torch.isfinite(out).all()
         assert out[0].abs().sum() == 0  # NaN coordinates sample nothing
-        assert torch.isfinite(roi_pool(x, nan_box, 2)).all()
+        assert torch.isfinite(roi_pool(x, nan_box, 2).cpu()).all()
 
 
+@pytest.mark.bad_values
 def test_bad_inputs_raise_clearly():
     x = torch.randn(2, 3, 8, 8)
     good = torch.tensor([[0, 1.0, 1.0, 4.0, 4.0]])
@@ -262,25 +276,30 @@ def test_bins_and_channels_in_several_blocks_with_any_grad_layout(sampling_ratio
     assert x.stride(1) == 1 and not x.is_contiguous(memory_format=torch.channels_last)
     boxes = make_boxes(6, 2, 12, 10, 0.5, seed=7)
     grad = torch.randn(6, 37, 14, 14)
+    ours_grad = grad.to(DEVICE)
     if grad_layout == "channels_last":
         grad = grad.to(memory_format=torch.channels_last)
+        ours_grad = grad.to(DEVICE)  # keeps the layout
     elif grad_layout == "strided":
-        grad = torch.randn(6, 37, 14, 28)[..., ::2]
-    ours_x = x.clone().requires_grad_()
-    ours = roi_align(ours_x, boxes, 14, 0.5, sampling_ratio, False, deterministic=False)
-    ours.backward(grad)
+        wider = torch.randn(6, 37, 14, 28)
+        grad, ours_grad = wider[..., ::2], wider.to(DEVICE)[..., ::2]
+    ours_x = wide.to(DEVICE)[:, :37].clone().requires_grad_()  # clone: dense channels_last, as x.clone()
+    ours = roi_align(ours_x, boxes.to(DEVICE), 14, 0.5, sampling_ratio, False, deterministic=False)
+    ours.backward(ours_grad)
     ref_x = x.double().contiguous().requires_grad_()
     ref = torchvision.ops.roi_align(ref_x, boxes.double(), 14, 0.5, sampling_ratio, False)
     ref.backward(grad.double())
-    torch.testing.assert_close(ours.double(), ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ours_x.grad.double(), ref_x.grad, atol=1e-5 * float(ref_x.grad.abs().max()), rtol=1e-5)
+    torch.testing.assert_close(ours.double().cpu(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours_x.grad.double().cpu(), ref_x.grad, atol=1e-5 * float(ref_x.grad.abs().max()),
+                               rtol=1e-5)
     assert ref_x.grad.abs().sum() > 0
 
 
+@pytest.mark.triton
 def test_empty_feature_map_stays_in_bounds():
     """A 0-pixel-high level: every sample is invalid (output and gradient 0), nothing is read."""
-    x = torch.randn(1, 4, 0, 6, requires_grad=True)
-    boxes = torch.tensor([[0, 0.0, 0.0, 3.0, 3.0], [0, -1.0, -0.5, 0.5, 0.2]])
+    x = torch.randn(1, 4, 0, 6, device=DEVICE, requires_grad=True)
+    boxes = torch.tensor([[0, 0.0, 0.0, 3.0, 3.0], [0, -1.0, -0.5, 0.5, 0.2]]).to(DEVICE)
     out = roi_align(x, boxes, 2, 1.0, -1, True)
     assert out.shape == (2, 4, 2, 2) and not out.any()
     (grad,) = torch.autograd.grad(out.sum(), x)
@@ -298,8 +317,8 @@ def test_float64_forward_equals_torchvision_float64(backend, aligned, sampling_r
     x = torch.randn(2, 5, 11, 9, dtype=torch.float64)
     boxes = make_boxes(7, 2, 11, 9, 0.5, seed=5).double()
     with kernels.use_backend(backend):
-        ours = roi_align(x, boxes, (5, 3), 0.5, sampling_ratio, aligned)
-        pooled = roi_pool(x, boxes, (5, 3), 0.5)
+        ours = roi_align(*on(kernel_device(backend), x, boxes), (5, 3), 0.5, sampling_ratio, aligned).cpu()
+        pooled = roi_pool(*on(kernel_device(backend), x, boxes), (5, 3), 0.5).cpu()
     assert ours.dtype == pooled.dtype == torch.float64
     torch.testing.assert_close(ours, torchvision.ops.roi_align(x, boxes, (5, 3), 0.5, sampling_ratio, aligned),
                                atol=1e-12, rtol=1e-12)
@@ -310,11 +329,12 @@ def test_float64_forward_equals_torchvision_float64(backend, aligned, sampling_r
 @pytest.mark.parametrize("op", ["roi_align", "roi_align_det", "roi_pool", "multiscale"])
 def test_float64_gradcheck(backend, op):
     torch.manual_seed(0)
-    x = torch.rand(2, 2, 4, 5, dtype=torch.float64, requires_grad=True)
-    rois = torch.tensor([[0, 0, 0, 3, 3], [0, 0.3, 1, 2, 3.5], [1, 2, 1.5, 4.5, 3]], dtype=torch.float64)
+    dev = kernel_device(backend)
+    x = torch.rand(2, 2, 4, 5, dtype=torch.float64).to(dev).requires_grad_()
+    rois = torch.tensor([[0, 0, 0, 3, 3], [0, 0.3, 1, 2, 3.5], [1, 2, 1.5, 4.5, 3]], dtype=torch.float64).to(dev)
     if op == "multiscale":
-        coarse = torch.rand(2, 2, 2, 3, dtype=torch.float64, requires_grad=True)
-        big = torch.tensor([[1, 0.0, 0.0, 30.0, 20.0]], dtype=torch.float64)  # maps to the coarse level
+        coarse = torch.rand(2, 2, 2, 3, dtype=torch.float64).to(dev).requires_grad_()
+        big = torch.tensor([[1, 0.0, 0.0, 30.0, 20.0]], dtype=torch.float64).to(dev)  # maps to the coarse level
         fn = lambda a, b: multiscale_roi_align([a, b], torch.cat([rois, big]), 2, [1.0, 0.5], 2,  # noqa: E731
                                                canonical_scale=8, canonical_level=1)
         inputs = (x, coarse)
@@ -333,10 +353,11 @@ def test_autocast_keeps_fp32_exact_and_accepts_mixed_box_dtypes(backend):
     x = torch.randn(2, 6, 10, 10)
     boxes = make_boxes(9, 2, 10, 10, 1.0, seed=6)
     ref = torchvision.ops.roi_align(x, boxes, 5, 1.0, -1, True)
-    with kernels.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = roi_align(x, boxes, 5, 1.0, -1, True)
-        mixed = roi_align(x, boxes.bfloat16(), 5, 1.0, -1, True)  # bf16 boxes, fp32 features
-        pooled = roi_pool(x, boxes.half(), 3)
+    dev = kernel_device(backend)
+    with kernels.use_backend(backend), torch.autocast(amp_device(dev), dtype=torch.bfloat16):
+        ours = roi_align(*on(dev, x, boxes), 5, 1.0, -1, True).cpu()
+        mixed = roi_align(*on(dev, x, boxes.bfloat16()), 5, 1.0, -1, True).cpu()  # bf16 boxes, fp32 features
+        pooled = roi_pool(*on(dev, x, boxes.half()), 3).cpu()
     assert ours.dtype == mixed.dtype == pooled.dtype == torch.float32
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mixed, torchvision.ops.roi_align(x, boxes.bfloat16().float(), 5, 1.0, -1, True),
@@ -344,6 +365,7 @@ def test_autocast_keeps_fp32_exact_and_accepts_mixed_box_dtypes(backend):
     torch.testing.assert_close(pooled, torchvision.ops.roi_pool(x, boxes.half().float(), 3), atol=0, rtol=0)
 
 
+@pytest.mark.bad_values
 def test_errors_are_ours_and_torchvisions():
     a = torch.linspace(1, 64, 64).reshape(1, 1, 8, 8)
     for call in (lambda: roi_align(a, torch.tensor([[0.0, 0, 3, 3]]), (2, 2)),   # [K,4] tensor: no batch column
@@ -363,21 +385,23 @@ def test_errors_are_ours_and_torchvisions():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_empty_boxes_give_empty_output_and_zero_grad(backend, dtype):
-    x = torch.randn(2, 4, 6, 6, dtype=dtype, requires_grad=True)
+    dev = kernel_device(backend)
+    x = torch.randn(2, 4, 6, 6, dtype=dtype, device=dev, requires_grad=True)
     with kernels.use_backend(backend):
         for fn in (lambda b: roi_align(x, b, 3), lambda b: roi_pool(x, b, 3),
                    lambda b: multiscale_roi_align([x, x[:, :, ::2, ::2]], b, 3, [1.0, 0.5])):
-            for boxes in (torch.zeros(0, 5, dtype=dtype), [torch.zeros(0, 4, dtype=dtype)] * 2):
+            for boxes in (torch.zeros(0, 5, dtype=dtype, device=dev), [torch.zeros(0, 4, dtype=dtype, device=dev)] * 2):
                 out = fn(boxes)
                 assert out.shape == (0, 4, 3, 3) and out.dtype == dtype
                 (grad,) = torch.autograd.grad(out.sum(), x)
                 assert grad.shape == x.shape and not grad.any()
 
 
+@pytest.mark.triton
 def test_opcheck_and_compile():
-    x = torch.randn(2, 3, 9, 7, requires_grad=True)
-    rois = torch.tensor([[0, 1.0, 1.0, 6.0, 5.0], [1, 0.0, 2.0, 3.0, 8.0]])
-    levels = torch.zeros(2, dtype=torch.int32)
+    x = torch.randn(2, 3, 9, 7).to(DEVICE).requires_grad_()
+    rois = torch.tensor([[0, 1.0, 1.0, 6.0, 5.0], [1, 0.0, 2.0, 3.0, 8.0]]).to(DEVICE)
+    levels = torch.zeros(2, dtype=torch.int32, device=DEVICE)
     torch.library.opcheck(torch.ops.maskrcnn_fast.roi_align_forward.default,
                           ([x], rois, levels, [1.0], 3, 3, 2, False, False))
     torch.library.opcheck(torch.ops.maskrcnn_fast.roi_pool_forward.default, (x, rois, 2, 2, 1.0, False))

@@ -28,6 +28,9 @@ def test_dry_run_plans_sanitizer_and_ncu(tmp_path):
     for tool in ("memcheck", "racecheck"):
         assert f"PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout" in plan and f"--tool {tool}" in plan
     assert "tests/test_roi_align.py" in plan and "tests/test_nms.py" in plan and "tests/test_mask_loss.py" in plan
+    sanitized = [line for line in plan.splitlines() if "PYTORCH_NO_CUDA_MEMORY_CACHING=1" in line]
+    assert len(sanitized) == 2 and all("-m triton and not slow tests/" in line for line in sanitized), sanitized
+    # (``triton``: the kernel tests' cases on CUDA tensors, tests/conftest.py; tests/test_conftest_devices.py)
     ncu_line = next(line for line in plan.splitlines() if "--profile-from-start off" in line)
     for metric in ("dram__throughput.avg.pct_of_peak_sustained_elapsed", "l1tex__t_bytes_pipe_lsu_mem_local_op_ld.sum",
                    "l1tex__t_bytes_pipe_lsu_mem_local_op_st.sum"):

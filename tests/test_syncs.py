@@ -1,12 +1,20 @@
 """The host-sync counter, and the zero-sync training step through the Triton path.
 
-On CPU the Triton path is Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+The Triton path runs on ``DEVICE``/``kernel_device("triton")``: CUDA on a CUDA host, Triton's interpreter on
+CPU otherwise (tests/conftest.py sets TRITON_INTERPRET=1 there).
 """
 import pytest
 import torch
 
+from conftest import DEVICE, kernel_device
 from maskrcnn_fast import count_syncs
 from test_model import TINY_DESC, make_batch, tiny_model
+
+
+def batch_on(dev, images, targets=None):
+    """``make_batch()``'s images and targets on ``dev``."""
+    images = [im.to(dev) for im in images]
+    return images, targets and [{k: v.to(dev) for k, v in t.items()} for t in targets]
 
 
 @pytest.mark.parametrize("name, fn", [
@@ -54,11 +62,12 @@ def test_counter_sees_backward():
     assert c.ops > before
 
 
+@pytest.mark.triton
 def test_training_step_has_zero_host_syncs():
     """Forward + backward of one training step through the Triton path: not one host sync."""
     torch.manual_seed(0)
-    model = tiny_model().train()
-    images, targets = make_batch()
+    model = tiny_model().train().to(DEVICE)
+    images, targets = batch_on(DEVICE, *make_batch())
     # warm-up: anchors are cached per feature shape, as in any steady-state training loop
     with torch.no_grad():
         model(images, targets)
@@ -70,10 +79,11 @@ def test_training_step_has_zero_host_syncs():
     assert all(torch.isfinite(v) for v in losses.values())
 
 
+@pytest.mark.triton
 def test_inference_syncs_at_most_once():
     """Inference may sync once, at the end, to cut the padded detections per image."""
-    model = tiny_model().eval()
-    images, _ = make_batch()
+    model = tiny_model().eval().to(DEVICE)
+    images, _ = batch_on(DEVICE, make_batch()[0])
     with torch.no_grad():
         model(images)
         with count_syncs() as counts:
@@ -102,19 +112,20 @@ def test_steady_state_losses_make_no_tensor_from_host_data(backend):
     from kernels.roi_align import _roi_align_forward
 
     torch.manual_seed(0)
-    model = tiny_model().train()
-    images, targets = make_batch()
+    dev = kernel_device(backend)
+    model = tiny_model().train().to(dev)
+    images, targets = batch_on(dev, *make_batch())
     with kernels.use_backend(backend):
         batch, image_hw, gt = model.transform(images, targets)
-        hw = torch.tensor(image_hw, dtype=torch.float32)
+        hw = torch.tensor(image_hw, dtype=torch.float32, device=dev)
         model.losses(batch, hw, gt)  # first call: anchors and launch metadata are made and cached
         with count_syncs() as counts:
             losses = model.losses(batch, hw, gt)
             sum(losses.values()).backward()
         # the counter does not see inside custom ops: run an op body twice (launch metadata lives there)
-        x = torch.randn(2, 4, 9, 9)
-        rois = torch.tensor([[0, 1.0, 1.0, 6.0, 5.0]])
-        levels = torch.zeros(1, dtype=torch.int32)
+        x = torch.randn(2, 4, 9, 9).to(dev)
+        rois = torch.tensor([[0, 1.0, 1.0, 6.0, 5.0]]).to(dev)
+        levels = torch.zeros(1, dtype=torch.int32, device=dev)
         _roi_align_forward._init_fn([x], rois, levels, [1.0], 3, 3, 2, False, False)
         with count_syncs() as op_counts:
             _roi_align_forward._init_fn([x], rois, levels, [1.0], 3, 3, 2, False, False)
@@ -131,11 +142,12 @@ def test_steady_state_inference_core_makes_no_tensor_from_host_data(backend):
     import kernels
 
     torch.manual_seed(0)
-    model = tiny_model().eval()
-    images, _ = make_batch()
+    dev = kernel_device(backend)
+    model = tiny_model().eval().to(dev)
+    images, _ = batch_on(dev, make_batch()[0])
     with kernels.use_backend(backend), torch.no_grad():
         batch, image_hw, _ = model.transform(images, None)
-        hw = torch.tensor(image_hw, dtype=torch.float32)
+        hw = torch.tensor(image_hw, dtype=torch.float32, device=dev)
         model.detect(batch, hw)  # first call: anchors, box-coder weights and launch metadata are cached
         with count_syncs() as counts:
             boxes, scores, labels, valid, masks = model.detect(batch, hw)
