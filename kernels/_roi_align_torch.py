@@ -137,11 +137,20 @@ def _torchvision_roi_align(features, rois, levels, scales, ph, pw, sampling_rati
     return out.to(x.dtype)
 
 
+def _no_empty_maps(features) -> list[torch.Tensor]:
+    """Each level with no pixel (H or W 0) replaced by one zero pixel. The kernels sample nothing from such a
+    level (output and gradient 0); on one zero pixel every sample reads 0 as well, and nothing (neither
+    torchvision's CPU kernel, which would read past the empty map, nor the sparse matrix) sees a 0 extent."""
+    return [f if f.shape[2] and f.shape[3] else f.new_zeros((*f.shape[:2], max(f.shape[2], 1), max(f.shape[3], 1)))
+            for f in features]
+
+
 def _torch_roi_align(features, rois, levels, scales, ph, pw, sampling_ratio, aligned) -> torch.Tensor:
     x = features[0]
     K, C = rois.shape[0], x.shape[1]
     if K == 0 or C == 0:
         return x.new_zeros((K, C, ph, pw))
+    features = _no_empty_maps(features)
     if _torchvision_defined(features, rois, scales, ph, pw, sampling_ratio):
         return _torchvision_roi_align(features, rois, levels, scales, ph, pw, sampling_ratio, aligned)
     S = _interpolation_matrix(features, rois, levels, scales, ph, pw, sampling_ratio, aligned)
@@ -150,6 +159,8 @@ def _torch_roi_align(features, rois, levels, scales, ph, pw, sampling_ratio, ali
 
 
 def _torch_roi_align_bwd(grad, features, rois, levels, scales, ph, pw, sampling_ratio, aligned):
+    shapes = [f.shape for f in features]
+    features = _no_empty_maps(features)
     x = features[0]
     N, C = x.shape[:2]
     K = rois.shape[0]
@@ -157,10 +168,10 @@ def _torch_roi_align_bwd(grad, features, rois, levels, scales, ph, pw, sampling_
     acc = torch.sparse.mm(S.t(), grad.to(compute_dtype(x.dtype)).permute(0, 2, 3, 1).reshape(K * ph * pw, C))
     acc = acc.reshape(N, -1, C)
     grads, start = [], 0
-    for f in features:
+    for f, shape in zip(features, shapes):
         H, W = f.shape[2:]
         # a fresh tensor per level: custom-op outputs must not alias each other (or the accumulator)
-        grads.append(torch.empty(f.shape, dtype=f.dtype, device=f.device).copy_(
-            acc[:, start:start + H * W].reshape(N, H, W, C).permute(0, 3, 1, 2)))
+        grads.append(torch.empty(shape, dtype=f.dtype, device=f.device).copy_(
+            acc[:, start:start + H * W].reshape(N, H, W, C).permute(0, 3, 1, 2)[:, :, :shape[2], :shape[3]]))
         start += H * W
     return grads

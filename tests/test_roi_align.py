@@ -306,6 +306,27 @@ def test_empty_feature_map_stays_in_bounds():
     assert grad.shape == x.shape
 
 
+@pytest.mark.parametrize("shape", [(1, 4, 0, 6), (1, 4, 5, 0)])
+def test_empty_feature_map_on_the_pytorch_backend(shape):
+    """The CPU users' backend on a level with no pixel: zeros and an empty gradient, as the kernels give.
+    torchvision's CPU kernel, which this backend calls for finite boxes, reads past such a map (a segfault),
+    so a level like it never reaches it; also beside a non-empty level (the multi-level path)."""
+    x = torch.randn(*shape, requires_grad=True)
+    other = torch.randn(1, 4, 3, 3, requires_grad=True)
+    boxes = torch.tensor([[0, 0.0, 0.0, 3.0, 3.0], [0, -1.0, -0.5, 0.5, 0.2], [0, 1.0, 1.0, 40.0, 40.0]])
+    with kernels.use_backend("torch"):
+        out = roi_align(x, boxes, 2, 1.0, -1, True)
+        assert out.shape == (3, 4, 2, 2) and not out.any()
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        assert grad.shape == x.shape
+        both = multiscale_roi_align([x, other], boxes, 2, [1.0, 0.5], 2, canonical_scale=8, canonical_level=1)
+        (g_x, g_other) = torch.autograd.grad((both * torch.randn_like(both)).sum(), [x, other])
+    assert g_x.shape == x.shape
+    # the big box pools from the non-empty level: the same as torchvision on that level alone
+    torch.testing.assert_close(both[2:], torchvision.ops.roi_align(other, boxes[2:], 2, 0.5, 2, False))
+    assert not both[:2].any() and g_other.any()
+
+
 # ---- drop-in conformance: what torchvision's own operator tests check, in our words ----------------
 BACKENDS = ["triton", "torch"]
 
