@@ -49,6 +49,7 @@ def load_rows(paths) -> list[dict]:
         peak = peak_bandwidth(device)
         row["pct_peak"] = 100 * row["gbps"] * 1e9 / peak if row["gbps"] and peak else None
         row["device"] = device
+        row["impls"] = impls
         rows.append(row)
     return rows
 
@@ -70,6 +71,24 @@ def markdown(rows) -> str:
         pct = "–" if r["pct_peak"] is None else f"{r['pct_peak']:.1f}%"
         lines.append(f"| {r['op']} | {r['shape']} | {_fmt_time(r['ours_s'])} | {_fmt_time(r['tv_s'])} | "
                      f"{speedup} | {gbps} | {pct} |")
+    return "\n".join(lines) + "\n" + _every_impl(rows)
+
+
+def _every_impl(rows) -> str:
+    """Every implementation of the groups that have more than ours and torchvision's (the model entries:
+    CUDA graphs, inductor) or an img/s, with its speedup over torchvision, img/s and setup seconds."""
+    main = {"ours", "torchvision", "ours_torch"}
+    groups = [r for r in rows if set(r["impls"]) - main or any("img_per_s" in v for v in r["impls"].values())]
+    if not groups:
+        return ""
+    lines = ["", "| op | shape | impl | median | vs torchvision | img/s | setup s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in groups:
+        tv = r["impls"].get("torchvision", {}).get("median_s")
+        for impl, v in sorted(r["impls"].items()):
+            vs = f"{tv / v['median_s']:.2f}×" if tv and v["median_s"] else "–"
+            ips = f"{v['img_per_s']:.1f}" if "img_per_s" in v else "–"
+            setup = f"{v['setup_s']:.1f}" if "setup_s" in v else "–"
+            lines.append(f"| {r['op']} | {r['shape']} | {impl} | {_fmt_time(v['median_s'])} | {vs} | {ips} | {setup} |")
     return "\n".join(lines) + "\n"
 
 

@@ -38,6 +38,10 @@ DEADLINE=${DEADLINE:-520}
 DRY_RUN=${DRY_RUN:-0}
 KERNEL_TESTS=${KERNEL_TESTS:-"tests/test_roi_align.py tests/test_nms.py tests/test_mask_loss.py tests/test_mask_targets.py"}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # bench/*.py scripts import kernels from the checkout
+export PYTHONUNBUFFERED=1  # a step killed at its cap still leaves every line it printed in its .txt
+# a test still running after 90 s gets every thread's stack dumped into the step's .txt (and keeps running):
+# a hang inside C++ (a collective, a driver call) then says where it is even though SIGINT cannot stop it
+export PYTEST_ADDOPTS="${PYTEST_ADDOPTS:-} -o faulthandler_timeout=90"
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.triton/cache}  # Triton's default, named so steps can count it
 mkdir -p "$TRITON_CACHE_DIR" 2>/dev/null
 
@@ -162,7 +166,7 @@ sanitizer() {  # sanitizer TOOL CAP
   fi
   echo "=== compute-sanitizer --tool $1 ($T s max) ===" >> "${stem}.sanitizer.txt"
   # shellcheck disable=SC2086
-  run env PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$T" "$san" --tool "$1" --error-exitcode 9 --print-limit 50 \
+  run env PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 15 "$T" "$san" --tool "$1" --error-exitcode 9 --print-limit 50 \
     $PY -m pytest -q -x -p no:cacheprovider -m "triton and not slow" $KERNEL_TESTS >> "${stem}.sanitizer.txt" 2>&1
   echo "exit status $? (9: errors found, 124: timed out; errors found before a time-out are listed above)" \
     >> "${stem}.sanitizer.txt"
@@ -199,7 +203,7 @@ for step in $STEPS; do
         continue
       fi
       read -r metrics kernels_re < <($PY bench/ncu_ops.py --print-metrics)
-      run timeout "$T" "$ncu_bin" --profile-from-start off --target-processes all \
+      run timeout -k 15 "$T" "$ncu_bin" --profile-from-start off --target-processes all \
         --kernel-name "$kernels_re" --metrics "$metrics" --csv $PY bench/ncu_ops.py > "${stem}.ncu.csv" 2> "${stem}.ncu.err"
       echo "ncu exit status $?" >> "${stem}.ncu.err"
       run $PY bench/ncu_ops.py --summarize "${stem}.ncu.csv" --out "${stem}.ncu.md" || tail -5 "${stem}.ncu.err"
@@ -213,11 +217,11 @@ for step in $STEPS; do
       save ;;
     autotune)
       begin autotune "$(cap_of autotune)" || continue
-      run timeout "$T" $PY bench/autotune.py --shapes maskrcnn
+      run timeout -k 15 "$T" $PY bench/autotune.py --shapes maskrcnn
       save ;;
     compile)
       begin compile "$(cap_of compile)" || continue
-      run timeout "$T" $PY bench/compile_report.py --json "${stem}.compile.json" > "${stem}.compile.txt"
+      run timeout -k 15 "$T" $PY bench/compile_report.py --json "${stem}.compile.json" > "${stem}.compile.txt"
       tail -3 "${stem}.compile.txt" 2>/dev/null
       save ;;
     *) echo "unknown step $step (known: warm gpu bench-kernels bench-model bench-compiled memcheck racecheck ncu tests autotune compile)" >&3 ;;

@@ -31,6 +31,20 @@ def test_report_table_speedup_and_roofline(tmp_path):
     assert report.main([str(tmp_path / "missing.json")]) == 2
 
 
+def test_report_lists_every_model_implementation_with_img_per_s(tmp_path):
+    """CUDA graphs and inductor entries (and img/s) reach the quick-look table, not only the JSON."""
+    def entry(impl, median, **info):
+        return {"name": f"t[{impl}]", "group": "train_step 8x800x1216", "stats": {"median": median},
+                "extra_info": {"impl": impl, "device": "NVIDIA H100 80GB HBM3", **info}}
+    data = {"benchmarks": [entry("ours", 0.2, img_per_s=40.0, setup_s=3.0), entry("torchvision", 0.4, img_per_s=20.0),
+                           entry("ours_cudagraph", 0.1, img_per_s=80.0, setup_s=9.5)]}
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(data))
+    text = report.markdown(report.load_rows([path]))
+    assert "| train_step | 8x800x1216 | ours_cudagraph | 100.00 ms | 4.00× | 80.0 | 9.5 |" in text
+    assert "| train_step | 8x800x1216 | torchvision | 400.00 ms | 1.00× | 20.0 | – |" in text
+
+
 def _load(tmp_path, gpu):
     _config.load_tuned.cache_clear()
     try:

@@ -478,8 +478,13 @@ def test_cuda_post_processing_shape():
     scores = torch.rand(8, 1000, device="cuda", generator=g)
     idxs = torch.randint(0, 80, (8, 1000), device="cuda", generator=g)
     keep, num = nms_padded(boxes, scores, 0.5, 100, idxs=idxs)
+    keep, num = keep.cpu(), num.cpu()
     for b in range(8):
-        ref = torchvision.ops.batched_nms(boxes[b], scores[b], idxs[b], 0.5)[:100]
+        # torchvision's per-class loop on CPU: exact fp32 IoU on the boxes as given, as our kernel computes it.
+        # Its public batched_nms shifts each class by up to ~68,000 px below 100k boxes (an fp32 ulp of
+        # 0.004-0.008 px there) and its CUDA kernel contracts to FMAs: about 1 seed in 100 keeps another box.
+        cpu = [t[b].cpu() for t in (boxes, scores, idxs)]
+        ref = torchvision.ops.boxes._batched_nms_vanilla(*cpu, 0.5)[:100]
         assert torch.equal(keep[b, :int(num[b])], ref)
 
 
