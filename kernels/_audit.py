@@ -25,7 +25,10 @@ Compile
     then reads registers, stack/local bytes (cuobjdump), shared memory, and counts global load / store /
     atomic instructions by access width in bits from the SASS (PTX if cuobjdump fails): ``LDG.E.128`` -> 128,
     ``LDG.E.U16`` -> 16, ``REDG.E.ADD.F32x4`` -> 128, ``RED.E.ADD.64`` -> 64. Counts are static (instructions
-    in the code), not dynamic. ``approx_div`` counts approximate fp32 divisions in the PTX.
+    in the code), not dynamic. ``approx_div`` counts approximate fp32 divisions in the PTX (``div.full.f32``, what
+    fp32 ``/`` compiles to; tests/test_compile.py gates it at 0 where quotients decide bin edges, sampling grids or
+    suppressions, see kernels/_math.py), ``rn_div`` the correctly rounded ``div.rn.f32`` (``tl.math.div_rn``), and
+    ``instructions`` the static SASS instruction count (a code-size measure to compare variants of a kernel).
 """
 from __future__ import annotations
 
@@ -260,6 +263,18 @@ def sass_access(sass: str) -> dict:
     return {k: dict(sorted(v.items())) for k, v in counts.items()}
 
 
+def sass_instructions(sass: str) -> int:
+    """Static instruction count of the SASS (``/*addr*/ OPCODE ...`` lines, padding NOPs and the final
+    self-branch included): a code-size measure to compare variants of one kernel."""
+    return sum(1 for line in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+\S", line))
+
+
+def approx_divisions(ptx: str) -> int:
+    """Approximate fp32 divisions in PTX: ``div.full.f32`` (what fp32 ``/`` compiles to, <= 2 ulp) and
+    ``div.approx[.ftz].f32``. ``div.rn.f32`` (``tl.math.div_rn``) and fp64 ``div.rn.f64`` are exact."""
+    return len(re.findall(r"\bdiv\.(?:full|approx)(?:\.ftz)?\.f32\b", ptx))
+
+
 _PTX = re.compile(r"^\s*(?:@!?%\w+\s+)?(ld|st|red|atom)\.(global|local)\.([\w.:]+)")
 
 
@@ -298,12 +313,17 @@ def compile_row(launch: Launch, cc: int) -> dict:
         row.update(regs=usage["regs"], spill_bytes=usage["stack"] + usage["local"], stack=usage["stack"],
                    local=usage["local"])
         try:
-            access, row["access_from"] = sass_access(_cuobjdump(cubin, "-sass")), "sass"
+            sass = _cuobjdump(cubin, "-sass")
+            access, row["access_from"] = sass_access(sass), "sass"
+            row["instructions"] = sass_instructions(sass)
         except (OSError, subprocess.CalledProcessError):
             access, row["access_from"] = ptx_access(compiled.asm["ptx"]), "ptx"
+            row["instructions"] = -1
         row["global_access"] = {k: access[k] for k in ("load", "store", "atomic")}
-        # approximate fp32 division (div.full.f32, <= 2 ulp) where torch divides exactly (e.g. an IoU threshold)
-        row["approx_div"] = len(re.findall(r"\bdiv\.(?:full|approx)\.f32\b", compiled.asm["ptx"]))
+        # approximate fp32 division (div.full.f32, <= 2 ulp) where torch divides exactly (an IoU threshold, a
+        # RoI's bin edges or sampling grid); correctly rounded division (tl.math.div_rn) is div.rn.f32
+        row["approx_div"] = approx_divisions(compiled.asm["ptx"])
+        row["rn_div"] = len(re.findall(r"\bdiv\.rn\.f32\b", compiled.asm["ptx"]))
         row["local_access"] = {"load": access["local_load"], "store": access["local_store"]}
     except Exception as e:  # reported per row; the report fails on any
         row["error"] = f"{type(e).__name__}: {str(e)[-2000:]}"

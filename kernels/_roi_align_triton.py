@@ -23,16 +23,45 @@ Layout and vector width
 Sampling
     The samples are visited iy-major, the y half of the bilinear weights once per row of samples.
     SR2 (sampling_ratio == 2, the model's box and mask heads; MLPerf's kernel specializes it too) makes
-    the 2 x 2 grid and count = 4 compile-time constants: no adaptive-grid arithmetic, divisions by the
-    grid become exact multiplications. The loops stay rolled on purpose: unrolled (tl.static_range),
-    ptxas hoists all 16 corner loads of a bin and the bf16 forward needs 144 registers instead of 96
-    (sm_90), the deterministic backward 255. 1/count is computed once per RoI; the backward scales the
-    output gradient by it once per bin.
+    count = 4 and the sample offsets ((i + 0.5) / 2) * bin compile-time: no adaptive-grid arithmetic, no
+    division by the grid. The loops stay rolled on purpose: unrolled (tl.static_range), ptxas hoists all
+    16 corner loads of a bin and the bf16 forward needs 144 registers instead of 96 (sm_90), the
+    deterministic backward 255; so even SR2's grid (2) stays a runtime loop bound -- a constant trip count
+    of 2 lets LLVM unroll them (deterministic backward: 91 registers instead of 51, sm_90). 1/count is
+    computed once per RoI; the backward scales the output gradient by it once per bin.
+
+Division (issue 23)
+    fp32 '/' compiles to div.full.f32 (up to 2 ulp); torchvision's CUDA kernel divides correctly rounded.
+    Every quotient here is correctly rounded by kernels._math.div_rn_int (each divisor is a positive
+    integer: PH, PW, the grid, the count; straight-line fp32, no call), computed once per RoI, none left
+    in the sample loops (the audit's approx_div is 0, gated in tests/test_compile.py):
+    * discrete -- the adaptive grid ceil(roi / PH): an approximate quotient adds a sample row for sizes
+      such as 84, 168, 196 at PH = 28 (18 of the sizes 1..1199 under div.full emulated as a * RN(1/P);
+      every multiple of P under +2 ulp);
+    * continuous -- decided by measurement (float64 evaluation, numpy: box head = P2 200 x 304 randn
+      features, 512 boxes up to 400 px, 7x7, SR2; mask targets = 0/1 mask, 28x28, adaptive grid). Max
+      output change from a 2-ulp error in each quotient, against the fp32 computation's own error (fp32
+      torchvision vs float64: 4.6e-5 box head, 3.0e-5 mask targets):
+          bin = roi / P          3.6e-5 (0.80x)   1.2e-5 (0.41x)
+          step = bin / grid      5.6e-6 (0.12x)   4.4e-7 (0.015x)
+          1 / count              6.3e-7 (0.014x)  2.6e-7 (0.009x)
+      and from hoisting the step out of the loop, (i + 0.5) * RN(bin / grid) instead of torchvision's
+      RN((i + 0.5) * bin) / grid per sample: 0 (SR2: identical) / 1.8e-7 (0.006x).
+      The bin's 2-ulp error is as large as all other rounding together, so it is correctly rounded; step
+      and 1/count are too, as they cost nothing measurable: per RoI, div_rn_int is ~11 instructions
+      against div.full's ~8, and the step, now a per-RoI value, takes the division out of the sample loop.
+      Compiled for sm_80/sm_90 (bench/compile_report.py, every RoIAlign variant it launches, against the
+      code with fp32 '/'): forward +0..+40 static SASS instructions, registers -16..0; backward -112..+16
+      instructions, registers -5..+2; no spills; the same global accesses, except that the deterministic
+      NCHW backward's sample loop no longer unrolls (8 static 64-bit atomics instead of 16). tl.math.div_rn
+      (div.rn.f32) would add ~100 instructions per kernel: kernels/_math.py.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from kernels._math import div_rn_int
 
 
 @triton.jit
@@ -77,26 +106,34 @@ def _roi_geometry(rois_ptr, levels_ptr, hw_ptr, scales_ptr, k, N, PH, PW, sampli
     if not ALIGNED:
         roi_w = tl.maximum(roi_w, 1.0)
         roi_h = tl.maximum(roi_h, 1.0)
-    bin_h = roi_h / PH
-    bin_w = roi_w / PW
+    # every quotient correctly rounded, once per RoI (see "Division" in the module docstring)
+    bin_h = div_rn_int(roi_h, PH)
+    bin_w = div_rn_int(roi_w, PW)
     if SR2:
-        grid_h = 2
-        grid_w = 2
+        # sampling_ratio == 2 (the launcher's SR2), a runtime loop bound that keeps the loops rolled (Sampling)
+        grid_h = sampling_ratio
+        grid_w = sampling_ratio
+        step_h = bin_h  # halved in _offset: (i + 0.5) / 2 is exact, and no extra value stays live
+        step_w = bin_w
         inv_count = 0.25
     else:
         if sampling_ratio > 0:
             grid_h = sampling_ratio
             grid_w = sampling_ratio
         else:
-            # NaN sizes give an empty grid (output 0); huge ones are capped at MAX_GRID
-            gh = tl.where(roi_h == roi_h, tl.ceil(roi_h / PH), 0.0)
-            gw = tl.where(roi_w == roi_w, tl.ceil(roi_w / PW), 0.0)
+            # ceil(roi_h / PH) of the correctly rounded quotient, as torchvision's; NaN sizes give an empty
+            # grid (output 0); huge ones are capped at MAX_GRID
+            gh = tl.where(roi_h == roi_h, tl.ceil(bin_h), 0.0)
+            gw = tl.where(roi_w == roi_w, tl.ceil(bin_w), 0.0)
             grid_h = tl.minimum(tl.maximum(gh, 0.0), MAX_GRID).to(tl.int32)
             grid_w = tl.minimum(tl.maximum(gw, 0.0), MAX_GRID).to(tl.int32)
-        inv_count = 1.0 / tl.maximum(grid_h * grid_w, 1).to(ACC)
+        # an empty grid samples nothing: its step is never used
+        step_h = div_rn_int(bin_h, tl.maximum(grid_h, 1))
+        step_w = div_rn_int(bin_w, tl.maximum(grid_w, 1))
+        inv_count = div_rn_int(tl.full([], 1.0, ACC), tl.maximum(grid_h * grid_w, 1))
     H = tl.load(hw_ptr + lvl * 2)
     W = tl.load(hw_ptr + lvl * 2 + 1)
-    return b, lvl, start_h, start_w, bin_h, bin_w, grid_h, grid_w, inv_count, H, W
+    return b, lvl, start_h, start_w, bin_h, bin_w, grid_h, grid_w, step_h, step_w, inv_count, H, W
 
 
 @triton.jit
@@ -145,26 +182,37 @@ def _chans(v, BINS_FIRST: tl.constexpr):
 
 
 @triton.jit
-def _row(start_h, ph, bin_h, iy, grid_h, H, s_h):
+def _offset(i, step, SR2: tl.constexpr):
+    """Offset of sample i in its bin: torchvision's (i + 0.5) * bin / grid as (i + 0.5) * step, step = bin / grid
+    (correctly rounded, per RoI); SR2: step = bin and ((i + 0.5) / 2) * bin, which is exactly torchvision's."""
+    if SR2:
+        o = ((i + 0.5) * 0.5) * step
+    else:
+        o = (i + 0.5) * step
+    return o
+
+
+@triton.jit
+def _row(start_h, ph, bin_h, iy, step_h, H, s_h, SR2: tl.constexpr):
     """y half of a sample: validity, int64 offsets of the low/high rows, their weights."""
-    y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h
+    y = start_h + ph * bin_h + _offset(iy, step_h, SR2)
     vy, lo, hi, hy, ly = _axis(y, H)
     return vy, lo.to(tl.int64) * s_h, hi.to(tl.int64) * s_h, hy, ly
 
 
 @triton.jit
-def _col(start_w, pw, bin_w, ix, grid_w, W, s_w):
+def _col(start_w, pw, bin_w, ix, step_w, W, s_w, SR2: tl.constexpr):
     """x half of a sample (as :func:`_row`)."""
-    x = start_w + pw * bin_w + (ix + 0.5) * bin_w / grid_w
+    x = start_w + pw * bin_w + _offset(ix, step_w, SR2)
     vx, lo, hi, hx, lx = _axis(x, W)
     return vx, lo.to(tl.int64) * s_w, hi.to(tl.int64) * s_w, hx, lx
 
 
 @triton.jit
-def _gather4(base, r_lo, r_hi, vy, hy, ly, start_w, pw, bin_w, ix, grid_w, W, s_w, mask,
-             BINS_FIRST: tl.constexpr, ACC: tl.constexpr):
+def _gather4(base, r_lo, r_hi, vy, hy, ly, start_w, pw, bin_w, ix, step_w, W, s_w, mask,
+             SR2: tl.constexpr, BINS_FIRST: tl.constexpr, ACC: tl.constexpr):
     """Bilinear value of one sample for the whole tile."""
-    vx, c_lo, c_hi, hx, lx = _col(start_w, pw, bin_w, ix, grid_w, W, s_w)
+    vx, c_lo, c_hi, hx, lx = _col(start_w, pw, bin_w, ix, step_w, W, s_w, SR2)
     m = mask & _bins(vy & vx, BINS_FIRST)
     v1 = tl.load(base + _bins(r_lo + c_lo, BINS_FIRST), mask=m, other=0.0).to(ACC)
     v2 = tl.load(base + _bins(r_lo + c_hi, BINS_FIRST), mask=m, other=0.0).to(ACC)
@@ -210,14 +258,15 @@ def _program(p0, p1, p2, p3, p4, hw_ptr, scales_ptr, rois_ptr, levels_ptr, N, C,
     RoI's sampling geometry, and the address of its image's channels c on its level (p0..p4: the
     features forward, their gradient backward)."""
     k, c, p, mask = _tile(tl.program_id(0), tl.program_id(1), C, PH, PW, BLOCK_P, BLOCK_C, BINS_FIRST)
-    b, lvl, start_h, start_w, bin_h, bin_w, grid_h, grid_w, inv_count, H, W = _roi_geometry(
+    b, lvl, start_h, start_w, bin_h, bin_w, grid_h, grid_w, step_h, step_w, inv_count, H, W = _roi_geometry(
         rois_ptr, levels_ptr, hw_ptr, scales_ptr, k, N, PH, PW, sampling_ratio,
         ALIGNED, NUM_LEVELS, MAX_GRID, SR2, ACC)
     s_n, s_c, s_h, s_w = _level_strides(C, H, W, CHANNELS_LAST)
     base = _select_level(lvl, p0, p1, p2, p3, p4, NUM_LEVELS) + b * s_n + _chans(c.to(tl.int64) * s_c, BINS_FIRST)
     ph = (p // PW).to(ACC)
     pw = (p % PW).to(ACC)
-    return k, c, p, mask, base, ph, pw, start_h, start_w, bin_h, bin_w, grid_h, grid_w, inv_count, H, W, s_h, s_w
+    return (k, c, p, mask, base, ph, pw, start_h, start_w, bin_h, bin_w, grid_h, grid_w, step_h, step_w, inv_count,
+            H, W, s_h, s_w)
 
 
 @triton.jit
@@ -228,25 +277,26 @@ def _roi_align_fwd_kernel(
     CHANNELS_LAST: tl.constexpr, BINS_FIRST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    k, c, p, mask, base, ph, pw, start_h, start_w, bin_h, bin_w, grid_h, grid_w, inv_count, H, W, s_h, s_w = _program(
+    (k, c, p, mask, base, ph, pw, start_h, start_w, bin_h, bin_w, grid_h, grid_w, step_h, step_w, inv_count,
+     H, W, s_h, s_w) = _program(
         x0, x1, x2, x3, x4, hw_ptr, scales_ptr, rois_ptr, levels_ptr, N, C, PH, PW, sampling_ratio,
         ALIGNED, NUM_LEVELS, MAX_GRID, SR2, CHANNELS_LAST, BINS_FIRST, BLOCK_P, BLOCK_C, ACC)
     acc = tl.zeros(mask.shape, dtype=ACC)
     for iy in range(0, grid_h):
-        vy, r_lo, r_hi, hy, ly = _row(start_h, ph, bin_h, iy, grid_h, H, s_h)
+        vy, r_lo, r_hi, hy, ly = _row(start_h, ph, bin_h, iy, step_h, H, s_h, SR2)
         for ix in range(0, grid_w):
-            acc += _gather4(base, r_lo, r_hi, vy, hy, ly, start_w, pw, bin_w, ix, grid_w, W, s_w, mask,
-                            BINS_FIRST, ACC)
+            acc += _gather4(base, r_lo, r_hi, vy, hy, ly, start_w, pw, bin_w, ix, step_w, W, s_w, mask,
+                            SR2, BINS_FIRST, ACC)
     out_offs = _chans(c.to(tl.int64) * (PH * PW), BINS_FIRST) + _bins(p, BINS_FIRST)
     out_ptr += k * C * (PH * PW)
     tl.store(out_ptr + out_offs, (acc * inv_count).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _scatter4(base, r_lo, r_hi, vy, hy, ly, start_w, pw, bin_w, ix, grid_w, W, s_w, g, mask, fix_scale,
-              DETERMINISTIC: tl.constexpr, BINS_FIRST: tl.constexpr):
+def _scatter4(base, r_lo, r_hi, vy, hy, ly, start_w, pw, bin_w, ix, step_w, W, s_w, g, mask, fix_scale,
+              SR2: tl.constexpr, DETERMINISTIC: tl.constexpr, BINS_FIRST: tl.constexpr):
     """Add g * (bilinear weight) of one sample to its four corners, for the whole tile."""
-    vx, c_lo, c_hi, hx, lx = _col(start_w, pw, bin_w, ix, grid_w, W, s_w)
+    vx, c_lo, c_hi, hx, lx = _col(start_w, pw, bin_w, ix, step_w, W, s_w, SR2)
     m = mask & _bins(vy & vx, BINS_FIRST)
     v1 = g * _bins(hy * hx, BINS_FIRST)
     v2 = g * _bins(hy * lx, BINS_FIRST)
@@ -271,7 +321,8 @@ def _roi_align_bwd_kernel(
     DETERMINISTIC: tl.constexpr, CHANNELS_LAST: tl.constexpr, BINS_FIRST: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
-    k, c, p, mask, base, ph, pw, start_h, start_w, bin_h, bin_w, grid_h, grid_w, inv_count, H, W, s_h, s_w = _program(
+    (k, c, p, mask, base, ph, pw, start_h, start_w, bin_h, bin_w, grid_h, grid_w, step_h, step_w, inv_count,
+     H, W, s_h, s_w) = _program(
         g0, g1, g2, g3, g4, hw_ptr, scales_ptr, rois_ptr, levels_ptr, N, C, PH, PW, sampling_ratio,
         ALIGNED, NUM_LEVELS, MAX_GRID, SR2, CHANNELS_LAST, BINS_FIRST, BLOCK_P, BLOCK_C, ACC)
     g_offs = _chans(c.to(tl.int64) * sg_c, BINS_FIRST) + _bins(p.to(tl.int64) * sg_p, BINS_FIRST)
@@ -280,7 +331,7 @@ def _roi_align_bwd_kernel(
     if DETERMINISTIC:
         fix_scale = tl.load(fix_scale_ptr)
     for iy in range(0, grid_h):
-        vy, r_lo, r_hi, hy, ly = _row(start_h, ph, bin_h, iy, grid_h, H, s_h)
+        vy, r_lo, r_hi, hy, ly = _row(start_h, ph, bin_h, iy, step_h, H, s_h, SR2)
         for ix in range(0, grid_w):
-            _scatter4(base, r_lo, r_hi, vy, hy, ly, start_w, pw, bin_w, ix, grid_w, W, s_w, g, mask, fix_scale,
-                      DETERMINISTIC, BINS_FIRST)
+            _scatter4(base, r_lo, r_hi, vy, hy, ly, start_w, pw, bin_w, ix, step_w, W, s_w, g, mask, fix_scale,
+                      SR2, DETERMINISTIC, BINS_FIRST)

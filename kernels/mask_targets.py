@@ -32,6 +32,7 @@ import triton.language as tl
 
 from kernels._backend import (FLOAT_DTYPES, InputError, assert_in_range, backend_for, check_same_device,
                               check_tensor, no_autocast)
+from kernels._math import div_rn_int
 from kernels._roi_align_triton import _bilinear
 from kernels._roi_common import MAX_GRID
 from kernels.roi_align import _launch_fwd, roi_align
@@ -51,13 +52,18 @@ def _projected_target(gt_ptr, boxes_ptr, idx_ptr, r, p, pm, M, G, H, W, s_n, s_h
     n = tl.minimum(tl.maximum(tl.load(idx_ptr + r), 0), G - 1).to(tl.int64)  # in bounds for any index
     roi_w = tl.maximum(x2 - x1, 1.0)
     roi_h = tl.maximum(y2 - y1, 1.0)
-    bin_h = roi_h / M
-    bin_w = roi_w / M
-    gh = tl.where(roi_h == roi_h, tl.ceil(roi_h / M), 0.0)
-    gw = tl.where(roi_w == roi_w, tl.ceil(roi_w / M), 0.0)
+    # correctly rounded quotients, once per RoI, as RoIAlign's kernel (_roi_align_triton._roi_geometry): the
+    # grid is ceil(bin), which an approximate fp32 '/' (div.full.f32) turns into one sample row more for box
+    # sizes such as 84, 168, 196 at M = 28
+    bin_h = div_rn_int(roi_h, M)
+    bin_w = div_rn_int(roi_w, M)
+    gh = tl.where(roi_h == roi_h, tl.ceil(bin_h), 0.0)
+    gw = tl.where(roi_w == roi_w, tl.ceil(bin_w), 0.0)
     grid_h = tl.minimum(tl.maximum(gh, 0.0), _MAX_GRID).to(tl.int32)
     grid_w = tl.minimum(tl.maximum(gw, 0.0), _MAX_GRID).to(tl.int32)
-    count = tl.maximum(grid_h * grid_w, 1).to(cdt)
+    step_h = div_rn_int(bin_h, tl.maximum(grid_h, 1))
+    step_w = div_rn_int(bin_w, tl.maximum(grid_w, 1))
+    inv_count = div_rn_int(tl.full([], 1.0, cdt), tl.maximum(grid_h * grid_w, 1))
     ph = (p // M).to(cdt)
     pw = (p % M).to(cdt)
     base = gt_ptr + n * s_n
@@ -65,8 +71,8 @@ def _projected_target(gt_ptr, boxes_ptr, idx_ptr, r, p, pm, M, G, H, W, s_n, s_h
     for s in range(0, grid_h * grid_w):
         iy = s // grid_w
         ix = s - iy * grid_w
-        y = y1 + ph * bin_h + (iy + 0.5) * bin_h / grid_h
-        x = x1 + pw * bin_w + (ix + 0.5) * bin_w / grid_w
+        y = y1 + ph * bin_h + (iy + 0.5) * step_h
+        x = x1 + pw * bin_w + (ix + 0.5) * step_w
         valid, y_lo, x_lo, y_hi, x_hi, w1, w2, w3, w4 = _bilinear(y, x, H, W)
         m = pm & valid
         r_lo = y_lo.to(tl.int64) * s_h
@@ -78,7 +84,7 @@ def _projected_target(gt_ptr, boxes_ptr, idx_ptr, r, p, pm, M, G, H, W, s_n, s_h
         v3 = tl.load(base + r_hi + c_lo, mask=m, other=0).to(cdt)
         v4 = tl.load(base + r_hi + c_hi, mask=m, other=0).to(cdt)
         acc += w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4
-    return acc / count
+    return acc * inv_count
 
 
 class GtMaskTargets(NamedTuple):

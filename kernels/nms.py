@@ -49,20 +49,11 @@ import triton.language as tl
 from kernels import _config
 from kernels._backend import (FLOAT_DTYPES, InputError, InputTypeError, backend_for, check_same_device,
                               check_tensor, no_autocast)
+from kernels._math import div_rn as _div_rn  # correctly rounded: fp32 '/' is div.full.f32
 from kernels._nms_torch import _torch_nms, torch_batched_nms
 
 WORD = 64
 _F32 = struct.Struct("f")
-
-
-@triton.jit
-def _div_rn(a, b):
-    """a / b correctly rounded: fp32 '/' compiles to div.full.f32 (up to 2 ulp off); fp64 '/' is div.rn.f64."""
-    if a.dtype == tl.float64:
-        q = a / b
-    else:
-        q = tl.math.div_rn(a, b)
-    return q
 
 
 @triton.jit

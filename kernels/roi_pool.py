@@ -5,7 +5,8 @@ each bin takes the max over its (also quantized) cells, which misaligns masks by
 
 Maths (torchvision's exact rule)
     start = round(x1 * s), end = round(x2 * s)   (round half away from zero; same for y)
-    size = max(end - start + 1, 1);  bin = size / (PH, PW)
+    size = max(end - start + 1, 1);  bin = size / (PH, PW), correctly rounded (as torchvision's CUDA kernel;
+    Triton's fp32 '/' is approximate and would move bin edges: kernels/_math.py)
     rows [floor(ph * bin_h), ceil((ph + 1) * bin_h)) + start_y, clamped to [0, H]; columns likewise
     out[k, c, ph, pw] = max over the cells (0 for an empty bin); argmax = first max in row-major order
     backward: grad_input[b, c, argmax] += g[k, c, ph, pw]
@@ -23,6 +24,7 @@ import triton.language as tl
 
 from kernels import _config
 from kernels._backend import backend_for, compute_dtype, no_autocast
+from kernels._math import div_rn_int
 from kernels._roi_common import (check_rois, fixed_point_scale, from_fixed_point, pair, rois_from_boxes,
                                  tl_compute_dtype)
 
@@ -48,8 +50,10 @@ def _roi_pool_bins(rois_ptr, k, N, H, W, PH, PW, spatial_scale, p, BIG: tl.const
     sh = _round_half_away(tl.where(finite, y1, 0.0)).to(tl.int32)
     ew = _round_half_away(tl.where(finite, x2, 0.0)).to(tl.int32)
     eh = _round_half_away(tl.where(finite, y2, 0.0)).to(tl.int32)
-    bin_h = tl.maximum(eh - sh + 1, 1).to(ACC) / PH
-    bin_w = tl.maximum(ew - sw + 1, 1).to(ACC) / PW
+    # correctly rounded (fp32 '/' is div.full.f32, <= 2 ulp): floor/ceil of ph * bin below turn one ulp into a
+    # whole cell (an approximate bin edge moves for 171 of the integer sizes 1..399 at PH = 7)
+    bin_h = div_rn_int(tl.maximum(eh - sh + 1, 1).to(ACC), PH)
+    bin_w = div_rn_int(tl.maximum(ew - sw + 1, 1).to(ACC), PW)
     ph = (p // PW).to(ACC)
     pw = (p % PW).to(ACC)
     hs = tl.minimum(tl.maximum(tl.floor(ph * bin_h).to(tl.int32) + sh, 0), H)

@@ -10,7 +10,10 @@ interpreter replaces @triton.jit functions. Gates, each failing with the kernel 
 * RoIAlign backward (channels_last, atomic) reduces with vector atomics (``REDG.E.ADD.F32x4``) on sm_90 --
   sm_80 has no vector float atomics;
 * the mask loss and fused-predictor kernels load (and, where the plane writes are a bulk of the bytes, store)
-  their contiguous M x M planes 128 bits at a time.
+  their contiguous M x M planes 128 bits at a time;
+* no approximate fp32 division (``div.full.f32``) in RoIAlign, RoIPool's forward, NMS's IoU tile and the
+  mask targets projected inside the loss kernel (issue 23: quotients there decide bin edges, sampling grids
+  and suppressions; kernels/_math.py).
 """
 import importlib
 import json
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels._audit import ptx_access, sass_access
+from kernels._audit import approx_divisions, ptx_access, sass_access
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = (80, 90)
@@ -54,7 +57,8 @@ def _jit_kernels() -> set[str]:
 def _show(r) -> str:
     g = r.get("global_access", {})
     return (f"{r['name']} sm_{r['cc']} ({r['case']}): regs {r.get('regs')}, local {r.get('spill_bytes')} B, "
-            f"loads {g.get('load')}, stores {g.get('store')}, atomics {g.get('atomic')} (bits: count)")
+            f"loads {g.get('load')}, stores {g.get('store')}, atomics {g.get('atomic')} (bits: count), "
+            f"approximate divisions {r.get('approx_div')}")
 
 
 def _check(rows, want, what):
@@ -151,6 +155,42 @@ def test_mask_loss_kernels_access_planes_128_bits(audit, kernel):
                                " (128-bit instructions move >= half of the bytes; no 16-bit ones for fp16/bf16)")
 
 
+# Quotients that decide something discrete must be correctly rounded, as torchvision's: RoIPool's bin edges
+# (floor/ceil of ph * size / P), RoIAlign's adaptive grid ceil(roi / P) (the mask targets), NMS's IoU against
+# its threshold. fp32 '/' compiles to div.full.f32 (up to 2 ulp). RoIAlign's other quotients (bin size, sample
+# step, 1/count) are correctly rounded too (decision and numbers: kernels/_roi_align_triton.py, "Division").
+EXACT_DIVISION = ("_roi_align_fwd_kernel", "_roi_align_bwd_kernel", "_roi_pool_fwd_kernel", "_nms_mask_kernel")
+
+
+def test_roi_and_nms_kernels_divide_correctly_rounded(audit):
+    _, rows = audit
+    for kernel in EXACT_DIVISION:
+        assert {r["cc"] for r in _rows(rows, kernel)} == set(TARGETS), f"{kernel}: not audited on every target"
+    assert _rows(rows, "_roi_align_fwd_kernel", cc=80) and any(
+        not r["constexprs"].get("SR2") for r in _rows(rows, "_roi_align_fwd_kernel")), \
+        "the adaptive-grid RoIAlign (mask targets, sampling_ratio <= 0) was not audited"
+    exact = [r for r in rows if r["ok"] and r["kernel"] in EXACT_DIVISION]
+    _check(exact, lambda r: r["approx_div"] == 0,
+           "RoIAlign, RoIPool (forward) and NMS must divide correctly rounded (kernels._math: div_rn_int / div_rn), "
+           "no div.full.f32")
+
+
+def test_mask_targets_in_the_loss_kernels_divide_correctly_rounded(audit):
+    """The targets projected inside the loss kernels (FROM_GT) add no approximate division to the loss's own
+    (the sigmoid/BCE maths of FROM_GT=0, continuous values, not gated)."""
+    _, rows = audit
+    plain = {(r["name"], r["cc"]): r["approx_div"] for r in rows if r["ok"] and not r["constexprs"].get("FROM_GT")}
+    from_gt = [r for r in rows if r["ok"] and r["constexprs"].get("FROM_GT")]
+    assert {(r["kernel"], r["cc"]) for r in from_gt} >= {("_sigmoid_bce_fwd_kernel", cc) for cc in TARGETS}, \
+        "no audit rows of the loss kernels with targets from gt"
+
+    def same_as_plain(r):
+        base = plain.get((r["name"].replace("FROM_GT=1", "FROM_GT=0"), r["cc"]))
+        return base is not None and r["approx_div"] == base
+    _check(from_gt, same_as_plain, "the mask targets projected in the loss kernel (mask_targets._projected_target) "
+                                   "must divide correctly rounded: as many div.full.f32 as with dense targets")
+
+
 # ----------------------------------------------------------------------------------------------
 # the audit's own pieces, on fixed inputs
 # ----------------------------------------------------------------------------------------------
@@ -188,6 +228,17 @@ def test_ptx_access_widths():
     got = ptx_access(ptx)
     assert got["load"] == {128: 1, 16: 1} and got["store"] == {64: 1}
     assert got["atomic"] == {128: 1, 64: 1} and got["local_store"] == {32: 1}
+
+
+def test_approx_division_count():
+    ptx = """
+\tdiv.full.f32 \t%r5, %r3, %r4;
+\tdiv.approx.ftz.f32 %r6, %r3, %r4;
+\tdiv.rn.f32 \t%r7, %r3, %r4;
+\tdiv.rn.f64 \t%fd3, %fd1, %fd2;
+\tdiv.s32 \t%r8, %r1, %r2;
+"""
+    assert approx_divisions(ptx) == 2
 
 
 def test_capture_applies_the_jit_specialization():
