@@ -187,6 +187,9 @@ def _launch_bwd(grad, argmax, x, rois, ph, pw, deterministic):
 # PyTorch fallback (CPU without the interpreter) ----------------------------------------------------
 def _torch_roi_pool(x, rois, ph, pw, spatial_scale):
     """torchvision's compiled kernel where its behaviour is defined (finite boxes), else the vectorized code."""
+    if x.shape[2] == 0 or x.shape[3] == 0:  # no cell to take: every bin is empty (0, argmax -1), as the kernels
+        K, C = rois.shape[0], x.shape[1]
+        return x.new_zeros((K, C, ph, pw)), torch.full((K, C, ph, pw), -1, dtype=torch.int32, device=x.device)
     if rois.shape[0] > 0 and x.shape[1] > 0 and _finite_boxes(rois, spatial_scale):
         cdt = compute_dtype(x.dtype)
         out, argmax = torch.ops.torchvision.roi_pool(x.to(cdt), rois.to(cdt), float(spatial_scale), ph, pw)
@@ -248,6 +251,8 @@ def _vectorized_roi_pool(x, rois, ph, pw, spatial_scale):
 
 def _torch_roi_pool_bwd(grad, argmax, x, rois):
     N, C, H, W = x.shape
+    if x.numel() == 0:  # nothing to scatter into (every argmax is -1)
+        return torch.zeros_like(x)
     b = rois[:, 0].float().nan_to_num(0).clamp(0, N - 1).long()
     valid = argmax >= 0
     dst = (b[:, None, None, None] * C + torch.arange(C, device=x.device)[None, :, None, None]) * (H * W) \

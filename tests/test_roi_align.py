@@ -308,7 +308,8 @@ def test_empty_feature_map_stays_in_bounds():
 
 @pytest.mark.parametrize("shape", [(1, 4, 0, 6), (1, 4, 5, 0)])
 def test_empty_feature_map_on_the_pytorch_backend(shape):
-    """The CPU users' backend on a level with no pixel: zeros and an empty gradient, as the kernels give.
+    """The CPU users' backend (RoIAlign, multi-level RoIAlign, RoIPool) on a level with no pixel: zeros and
+    an empty gradient, as the kernels give.
     torchvision's CPU kernel, which this backend calls for finite boxes, reads past such a map (a segfault),
     so a level like it never reaches it; also beside a non-empty level (the multi-level path)."""
     x = torch.randn(*shape, requires_grad=True)
@@ -325,6 +326,12 @@ def test_empty_feature_map_on_the_pytorch_backend(shape):
     # the big box pools from the non-empty level: the same as torchvision on that level alone
     torch.testing.assert_close(both[2:], torchvision.ops.roi_align(other, boxes[2:], 2, 0.5, 2, False))
     assert not both[:2].any() and g_other.any()
+    nan_box = torch.tensor([[0, float("nan"), 0.0, 2.0, 2.0]])
+    for b in (boxes, nan_box):  # finite boxes: torchvision's kernel path; a NaN box: the vectorized one
+        with kernels.use_backend("torch"):
+            pooled = roi_pool(x, b, 2)
+            (g_pool,) = torch.autograd.grad(pooled.sum(), x)
+        assert pooled.shape == (b.shape[0], 4, 2, 2) and not pooled.any() and g_pool.shape == x.shape
 
 
 # ---- drop-in conformance: what torchvision's own operator tests check, in our words ----------------
