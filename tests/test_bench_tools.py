@@ -128,3 +128,18 @@ def test_autotune_refuses_cpu():
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "autotune.py")], capture_output=True, text=True,
                           env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"}, timeout=300)
     assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr
+
+
+def test_nms_work_counts():
+    """Issue 22's before/target numbers, checked on hand-counted cases."""
+    from bench import nms_work
+
+    # 128 boxes: 2 blocks of 64, tiles (0,0) (0,1) (1,1), mask 2 words x 128 rows x 8 bytes
+    assert nms_work.current(128) == {"chain": 2, "tiles": 3, "mask_bytes": 2048}
+    assert nms_work.current(1) == {"chain": 1, "tiles": 1, "mask_bytes": 512}
+    # classes of 64 and 65 boxes (and an empty one): 1 + 2 blocks; mask 64*1*4 + 65*2*4 bytes
+    assert nms_work.segmented([64, 65, 0]) == {"chain": 2, "tiles": 1 + 3, "mask_bytes": 776}
+    uniform, skewed = nms_work.class_sizes(3000, 100), nms_work.class_sizes(3000, 100, skew=True)
+    assert sum(uniform) == sum(skewed) == 3000 and max(skewed) > 3 * max(uniform)
+    table = nms_work.markdown(nms_work.rows())
+    assert "| RPN training: 8 images x 5 levels x 2000 | 2000 | 157 / 32 | 12,403 / 2,640 |" in table
