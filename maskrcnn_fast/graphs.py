@@ -18,8 +18,9 @@ entry the capture needs, which would then be rebuilt from host data inside the c
 That holds for every shape-keyed cache, present or future, whatever its eviction policy. Every later
 step of the bucket is a copy of the batch into the bucket's static inputs plus one replay. On CPU the
 same code runs uncaptured, so CI tests its logic (tests/test_graphs.py also records on CPU what CUDA would
-capture, and counts its syncs and tensors made from host data). A batch that fits no bucket (too many objects, a mixed or short batch) runs the
-same step uncaptured, with a one-line warning: never a silently wrong result.
+capture, and counts its syncs and tensors made from host data). A batch that fits no bucket (too many
+objects, a mixed or short batch) runs the same step uncaptured, with a one-line warning: never a silently
+wrong result.
 
 With several processes (torchrun) the step does DDP's work itself, inside what is captured: rank 0's
 buffers are broadcast before the forward, and one all-reduce after the backward averages the
@@ -236,7 +237,7 @@ class GraphedTrainStep:
         before destroying a process group: NCCL (>= 2.26) waits in ``destroy_process_group`` for every graph
         that captured one of its collectives to be destroyed, so a live graph there hangs forever."""
         for bucket in self.buckets.values():
-            if bucket.graph is not None and hasattr(bucket.graph, "reset"):
+            if bucket.graph is not None:
                 bucket.graph.reset()
             bucket.graph, bucket.keep = None, []
 

@@ -39,7 +39,7 @@ from maskrcnn_fast.data import build_dataset, epoch_batches, make_loader
 from maskrcnn_fast.distributed import Dist, pick_device
 from maskrcnn_fast.errors import NonFiniteLossError, UserError
 from maskrcnn_fast.evaluate import evaluate, format_metrics
-from maskrcnn_fast.schedule import LOSS_TERMS, lr_factor  # noqa: F401 (lr_factor: public here too)
+from maskrcnn_fast.schedule import LOSS_TERMS, lr_factor
 
 ARCH = "maskrcnn_fast.MaskRCNN"
 

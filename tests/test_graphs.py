@@ -201,6 +201,9 @@ class _CPUGraph:
         self.replays += 1
         self.step._eager(bucket.inputs)
 
+    def reset(self):  # a CUDA graph frees its memory here (GraphedTrainStep.release)
+        self.replays = -1
+
 
 class _RecordingStep(GraphedTrainStep):
     """Graph mode's control flow on CPU (``capture=True``): where CUDA would capture, the step's Python runs
@@ -270,8 +273,10 @@ def test_release_frees_every_graph_and_runs_before_the_process_group_is_destroye
     step.step(*_batch(0, sizes=WIDE))
     step.step(*_batch(1, sizes=TALL))
     assert len(step.recorded) == 2 and all(b.graph is not None for b in step.buckets.values())
+    graphs = [b.graph for b in step.buckets.values()]
     step.release()
     assert all(b.graph is None and not b.keep for b in step.buckets.values())
+    assert all(g.replays == -1 for g in graphs)  # each was reset
     step.step(*_batch(2, sizes=WIDE))
     assert len(step.recorded) == 3
     order = []
