@@ -56,8 +56,8 @@ find_tool() {  # PATH, then the usual CUDA install places
 }
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 # The time plan. Each step's cap includes compiling its kernels from a cold cache, measured offline
-# (bench/compile_report.py --targets 90 --jobs 1 with an empty TRITON_CACHE_DIR, 2026-12-06, a 2-core CPU:
-# 1.1 s median per kernel variant, 1.7 s max, 44 variants in 49 s). COMPILES is how many variants a step
+# (bench/compile_report.py --scope gates --targets 90 --jobs 1, empty TRITON_CACHE_DIR, 2026-12-06, quiet 2-core CPU:
+# 1.06 s median per kernel variant, 1.69 s max, 44 variants in 46.5 s; 1.1 s used below). COMPILES is how many variants a step
 # launches that the warm step does not cover, or all of them if the warm step misses (cache key mismatch).
 S_PER_COMPILE=1.1
 cap_of() {
